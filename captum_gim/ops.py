@@ -1,0 +1,351 @@
+r"""The autograd functions GIM is built from.
+
+Every modified backward pass in :mod:`captum_gim` is made of the functions in this module,
+so each formula lives in one place and is tested once against an explicit Jacobian
+(``tests/test_ops.py``). None of them changes a forward value: each forward is computed
+with the very PyTorch op the unmodified model would call, so outputs are bit-for-bit
+those of the plain model.
+
+- :func:`tsg_softmax`: temperature-scaled softmax gradient (TSG). The forward is
+  ``softmax(z)``; the vector-Jacobian product is evaluated at ``s_T = softmax(z / T)``:
+  ``grad_z = s_T * (g - sum(g * s_T))``, with **no** ``1/T`` factor.
+- :func:`scale_grad`: identity forward, gradient multiplied by a constant (the uniform
+  gradient division of multiplicative interactions).
+- :func:`frozen_layer_norm`: ``F.layer_norm`` forward; the standard deviation
+  ``sqrt(var + eps)`` is a constant in the backward pass, the mean keeps its gradient
+  (or, with ``keep_mean=False``, is detached too, as PyHealth 2.1 does).
+- :func:`frozen_rms_norm`: ``F.rms_norm`` forward; the ``1/rms`` factor is a constant.
+- :func:`gim_attention`: explicit scaled-dot-product attention with TSG and the q/k/v
+  gradient division, whose forward value is that of ``F.scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "tsg_softmax",
+    "scale_grad",
+    "frozen_layer_norm",
+    "frozen_rms_norm",
+    "gim_attention",
+    "straight_through",
+]
+
+
+def _softmax_at(z: Tensor, dim: int, temperature: float) -> Tensor:
+    """``softmax(z / T)`` in at least float32 (half-precision scores are upcast)."""
+    work = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    if temperature != 1.0:
+        work = work / temperature
+    return torch.softmax(work, dim=dim)
+
+
+class _TSGSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, z: Tensor, dim: int, temperature: float, dtype: Optional[torch.dtype]
+    ) -> Tensor:
+        ctx.save_for_backward(z)
+        ctx.dim = dim
+        ctx.temperature = temperature
+        return F.softmax(z, dim=dim, dtype=dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (z,) = ctx.saved_tensors
+        s_t = _softmax_at(z, ctx.dim, ctx.temperature)
+        g = grad_out.to(s_t.dtype)
+        grad_z = s_t * (g - (g * s_t).sum(dim=ctx.dim, keepdim=True))
+        return grad_z.to(z.dtype), None, None, None
+
+
+def tsg_softmax(
+    z: Tensor,
+    dim: int = -1,
+    temperature: float = 2.0,
+    dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    r"""Softmax whose backward pass is evaluated at temperature ``T``.
+
+    Args:
+        z (Tensor): attention scores exactly as they enter the softmax (scaled, masked,
+            soft-capped).
+        dim (int): the softmax dimension. Default: -1.
+        temperature (float): ``T``. ``1.0`` gives the ordinary gradient. Default: 2.0.
+        dtype (torch.dtype, optional): as in :func:`torch.nn.functional.softmax`.
+
+    Returns:
+        Tensor: ``softmax(z)``, bit-for-bit. Its vector-Jacobian product is
+        ``s_T * (g - sum(g * s_T, dim))`` with ``s_T = softmax(z / T)``.
+
+    Examples::
+
+        >>> z = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+        >>> bool(torch.equal(tsg_softmax(z, temperature=2.0), torch.softmax(z, -1)))
+        True
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if temperature == 1.0:
+        return F.softmax(z, dim=dim, dtype=dtype)
+    return _TSGSoftmax.apply(z, dim, float(temperature), dtype)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        return grad_out * ctx.scale, None
+
+
+def scale_grad(x: Tensor, scale: float) -> Tensor:
+    r"""Identity in the forward pass; multiplies the incoming gradient by ``scale``.
+
+    Examples::
+
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> scale_grad(x, 0.5).sum().backward()
+        >>> x.grad
+        tensor([0.5000, 0.5000])
+    """
+    if scale == 1.0 or not x.requires_grad:
+        return x
+    return _ScaleGrad.apply(x, float(scale))
+
+
+def _norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> Tuple[int, ...]:
+    return tuple(range(x.dim() - len(normalized_shape), x.dim()))
+
+
+class _FrozenLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        normalized_shape: Tuple[int, ...],
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        eps: float,
+        keep_mean: bool,
+    ) -> Tensor:
+        y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(x, weight)
+        ctx.normalized_shape = normalized_shape
+        ctx.eps = eps
+        ctx.keep_mean = keep_mean
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dims = _norm_dims(x, ctx.normalized_shape)
+        xf = x.float()
+        gf = g.float()
+        mean = xf.mean(dim=dims, keepdim=True)
+        var = xf.var(dim=dims, unbiased=False, keepdim=True)
+        inv_std = torch.rsqrt(var + ctx.eps)
+        gw = gf * weight.float() if weight is not None else gf
+        grad_x = gw * inv_std
+        if ctx.keep_mean:
+            grad_x = grad_x - grad_x.mean(dim=dims, keepdim=True)
+        grad_w = grad_b = None
+        batch_dims = tuple(range(x.dim() - len(ctx.normalized_shape)))
+        if weight is not None and ctx.needs_input_grad[2]:
+            x_hat = (xf - mean) * inv_std
+            grad_w = (gf * x_hat).sum(dim=batch_dims).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = gf.sum(dim=batch_dims).to(g.dtype)
+        return grad_x.to(x.dtype), None, grad_w, grad_b, None, None
+
+
+def frozen_layer_norm(
+    x: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    keep_mean: bool = True,
+) -> Tensor:
+    r"""``F.layer_norm`` with the standard deviation frozen in the backward pass.
+
+    With ``y = (x - mean(x)) / sigma * w + b`` and ``sigma`` a constant, the input gradient
+    is ``w * g / sigma`` minus its mean over the normalised dimensions (the mean
+    subtraction keeps its gradient). ``keep_mean=False`` drops that centring, as
+    PyHealth 2.1's GIM does.
+
+    Examples::
+
+        >>> x = torch.randn(2, 4)
+        >>> bool(torch.equal(frozen_layer_norm(x, 4), torch.nn.functional.layer_norm(x, (4,))))
+        True
+    """
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    return _FrozenLayerNorm.apply(x, tuple(normalized_shape), weight, bias, eps, keep_mean)
+
+
+class _FrozenRMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        normalized_shape: Tuple[int, ...],
+        weight: Optional[Tensor],
+        eps: Optional[float],
+    ) -> Tensor:
+        y = F.rms_norm(x, normalized_shape, weight, eps)
+        ctx.save_for_backward(x, weight)
+        ctx.normalized_shape = normalized_shape
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        dims = _norm_dims(x, ctx.normalized_shape)
+        eps = ctx.eps if ctx.eps is not None else torch.finfo(x.dtype).eps
+        xf = x.float()
+        gf = g.float()
+        inv_rms = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
+        gw = gf * weight.float() if weight is not None else gf
+        grad_x = gw * inv_rms
+        grad_w = None
+        if weight is not None and ctx.needs_input_grad[2]:
+            batch_dims = tuple(range(x.dim() - len(ctx.normalized_shape)))
+            grad_w = (gf * xf * inv_rms).sum(dim=batch_dims).to(weight.dtype)
+        return grad_x.to(x.dtype), None, grad_w, None
+
+
+def frozen_rms_norm(
+    x: Tensor,
+    normalized_shape: Union[int, Sequence[int]],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    r"""``F.rms_norm`` with ``1/rms`` frozen in the backward pass: ``grad_x = w * g / rms``.
+
+    Examples::
+
+        >>> x = torch.randn(2, 4)
+        >>> bool(torch.equal(frozen_rms_norm(x, 4), torch.nn.functional.rms_norm(x, (4,))))
+        True
+    """
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    return _FrozenRMSNorm.apply(x, tuple(normalized_shape), weight, eps)
+
+
+def straight_through(value: Tensor, surrogate: Tensor) -> Tensor:
+    r"""``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass.
+
+    ``value.detach() + (surrogate - surrogate.detach())``: the second term is exactly zero
+    for finite values, so the forward result is bit-for-bit ``value``.
+    """
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+def _expand_kv_heads(k: Tensor, q_heads: int) -> Tensor:
+    if k.dim() < 3 or k.shape[-3] == q_heads:
+        return k
+    rep = q_heads // k.shape[-3]
+    return k.repeat_interleave(rep, dim=-3)
+
+
+def attention_scores_mask(
+    attn_mask: Optional[Tensor],
+    is_causal: bool,
+    q_len: int,
+    k_len: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Optional[Tensor]:
+    """An additive float mask equivalent to SDPA's ``attn_mask`` / ``is_causal``."""
+    bias: Optional[Tensor] = None
+    if is_causal:
+        # top-left aligned, as scaled_dot_product_attention(is_causal=True)
+        causal = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()
+        bias = torch.zeros(q_len, k_len, dtype=dtype, device=device).masked_fill(
+            ~causal, float("-inf")
+        )
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            m = torch.zeros(attn_mask.shape, dtype=dtype, device=device).masked_fill(
+                ~attn_mask, float("-inf")
+            )
+        else:
+            m = attn_mask.to(dtype)
+        bias = m if bias is None else bias + m
+    return bias
+
+
+def gim_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    *,
+    temperature: float = 2.0,
+    divide_grads: bool = True,
+    exact_forward: bool = True,
+) -> Tensor:
+    r"""Scaled-dot-product attention with GIM's backward pass.
+
+    Takes the arguments of :func:`torch.nn.functional.scaled_dot_product_attention`.
+    The softmax is computed explicitly with :func:`tsg_softmax`; with ``divide_grads``
+    the gradients reaching ``query`` and ``key`` are multiplied by 1/4 and the gradient
+    reaching ``value`` by 1/2 (each of the products ``QKᵀ`` and ``PV`` halves the gradient
+    it passes to each operand).
+
+    With ``exact_forward`` (and no dropout), the returned value is SDPA's own output,
+    bit-for-bit, and only the gradient comes from the explicit computation.
+    """
+    if divide_grads:
+        query = scale_grad(query, 0.25)
+        key = scale_grad(key, 0.25)
+        value = scale_grad(value, 0.5)
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    head_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    k_full, v_full = key, value
+    if enable_gqa and query.dim() >= 3:
+        k_full = _expand_kv_heads(key, query.shape[-3])
+        v_full = _expand_kv_heads(value, query.shape[-3])
+    scores = torch.matmul(query, k_full.transpose(-2, -1)) * head_scale
+    bias = attention_scores_mask(
+        attn_mask, is_causal, q_len, k_len, scores.dtype, scores.device
+    )
+    if bias is not None:
+        scores = scores + bias
+    probs = tsg_softmax(scores, dim=-1, temperature=temperature)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    out = torch.matmul(probs, v_full)
+    if exact_forward and dropout_p == 0.0:
+        with torch.no_grad():
+            kwargs = {"enable_gqa": True} if enable_gqa else {}
+            ref = F.scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                attn_mask=attn_mask,
+                dropout_p=0.0,
+                is_causal=is_causal,
+                scale=scale,
+                **kwargs,
+            )
+        out = straight_through(ref, out)
+    return out
