@@ -38,9 +38,14 @@ __all__ = [
 ]
 
 
+def _up(t: Tensor) -> Tensor:
+    """Half-precision tensors in float32; float32/float64 as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _softmax_at(z: Tensor, dim: int, temperature: float) -> Tensor:
     """``softmax(z / T)`` in at least float32 (half-precision scores are upcast)."""
-    work = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    work = _up(z)
     if temperature != 1.0:
         work = work / temperature
     return torch.softmax(work, dim=dim)
@@ -150,12 +155,12 @@ class _FrozenLayerNorm(torch.autograd.Function):
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         dims = _norm_dims(x, ctx.normalized_shape)
-        xf = x.float()
-        gf = g.float()
+        xf = _up(x)
+        gf = _up(g)
         mean = xf.mean(dim=dims, keepdim=True)
         var = xf.var(dim=dims, unbiased=False, keepdim=True)
         inv_std = torch.rsqrt(var + ctx.eps)
-        gw = gf * weight.float() if weight is not None else gf
+        gw = gf * _up(weight) if weight is not None else gf
         grad_x = gw * inv_std
         if ctx.keep_mean:
             grad_x = grad_x - grad_x.mean(dim=dims, keepdim=True)
@@ -215,10 +220,10 @@ class _FrozenRMSNorm(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         dims = _norm_dims(x, ctx.normalized_shape)
         eps = ctx.eps if ctx.eps is not None else torch.finfo(x.dtype).eps
-        xf = x.float()
-        gf = g.float()
+        xf = _up(x)
+        gf = _up(g)
         inv_rms = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
-        gw = gf * weight.float() if weight is not None else gf
+        gw = gf * _up(weight) if weight is not None else gf
         grad_x = gw * inv_rms
         grad_w = None
         if weight is not None and ctx.needs_input_grad[2]:
