@@ -294,6 +294,90 @@ def attention_scores_mask(
     return bias
 
 
+class _GIMAttention(torch.autograd.Function):
+    """SDPA forward; GIM backward recomputed from q, k, v (no attention matrix is kept)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Optional[Tensor],
+        is_causal: bool,
+        scale: Optional[float],
+        enable_gqa: bool,
+        temperature: float,
+        qk_factor: float,
+        v_factor: float,
+    ) -> Tensor:
+        kwargs = {"enable_gqa": True} if enable_gqa else {}
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal,
+            scale=scale, **kwargs,
+        )
+        ctx.save_for_backward(query, key, value, attn_mask)
+        ctx.is_causal = is_causal
+        ctx.scale = scale
+        ctx.enable_gqa = enable_gqa
+        ctx.temperature = temperature
+        ctx.qk_factor = qk_factor
+        ctx.v_factor = v_factor
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        query, key, value, attn_mask = ctx.saved_tensors
+        q, k, v, g = _up(query), _up(key), _up(value), _up(grad_out)
+        kv_heads = k.shape[-3] if k.dim() >= 3 else None
+        if ctx.enable_gqa and q.dim() >= 3:
+            k, v = _expand_kv_heads(k, q.shape[-3]), _expand_kv_heads(v, q.shape[-3])
+        scale = 1.0 / math.sqrt(q.shape[-1]) if ctx.scale is None else ctx.scale
+        scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+        bias = attention_scores_mask(
+            attn_mask, ctx.is_causal, q.shape[-2], k.shape[-2], scores.dtype, scores.device
+        )
+        if bias is not None:
+            scores = scores + bias
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows: no gradient
+        grad_v = torch.matmul(probs.transpose(-2, -1), g)
+        del probs
+        grad_p = torch.matmul(g, v.transpose(-2, -1))
+        s_t = _softmax_at(scores, -1, ctx.temperature).nan_to_num(0.0)
+        grad_s = s_t * (grad_p - (grad_p * s_t).sum(dim=-1, keepdim=True))
+        del s_t, grad_p
+        grad_q = torch.matmul(grad_s, k) * (scale * ctx.qk_factor)
+        grad_k = torch.matmul(grad_s.transpose(-2, -1), q) * (scale * ctx.qk_factor)
+        grad_v = grad_v * ctx.v_factor
+        if ctx.enable_gqa and kv_heads is not None and grad_k.shape[-3] != kv_heads:
+            rep = grad_k.shape[-3] // kv_heads
+            grad_k = grad_k.unflatten(-3, (kv_heads, rep)).sum(-3)
+            grad_v = grad_v.unflatten(-3, (kv_heads, rep)).sum(-3)
+        grad_k = _sum_to(grad_k, key.shape)
+        grad_v = _sum_to(grad_v, value.shape)
+        grad_q = _sum_to(grad_q, query.shape)
+        grad_mask = None
+        if attn_mask is not None and ctx.needs_input_grad[3] and attn_mask.is_floating_point():
+            grad_mask = _sum_to(grad_s, attn_mask.shape).to(attn_mask.dtype)
+        return (
+            grad_q.to(query.dtype),
+            grad_k.to(key.dtype),
+            grad_v.to(value.dtype),
+            grad_mask,
+            None, None, None, None, None, None,
+        )
+
+
+def _sum_to(t: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a broadcast gradient back to ``shape``."""
+    if t.shape == shape:
+        return t
+    while t.dim() > len(shape):
+        t = t.sum(0)
+    dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
+    return t.sum(dims, keepdim=True) if dims else t
+
+
 def gim_attention(
     query: Tensor,
     key: Tensor,
@@ -310,47 +394,39 @@ def gim_attention(
 ) -> Tensor:
     r"""Scaled-dot-product attention with GIM's backward pass.
 
-    Takes the arguments of :func:`torch.nn.functional.scaled_dot_product_attention`.
-    The softmax is computed explicitly with :func:`tsg_softmax`; with ``divide_grads``
-    the gradients reaching ``query`` and ``key`` are multiplied by 1/4 and the gradient
-    reaching ``value`` by 1/2 (each of the products ``QKᵀ`` and ``PV`` halves the gradient
-    it passes to each operand).
+    Takes the arguments of :func:`torch.nn.functional.scaled_dot_product_attention`
+    (``attn_mask`` boolean, True = attend, or additive float; ``is_causal`` top-left
+    aligned). The forward value is SDPA's own output, bit-for-bit. The backward pass
+    evaluates the softmax's vector-Jacobian product at ``softmax(scores / T)`` (TSG) and,
+    with ``divide_grads``, multiplies the gradients reaching ``query`` and ``key`` by 1/4
+    and the gradient reaching ``value`` by 1/2 (each of the products ``QKᵀ`` and ``PV``
+    halves the gradient it passes to each operand). Like a fused kernel, it keeps only
+    q, k and v for the backward pass and recomputes the attention matrix there.
 
-    With ``exact_forward`` (and no dropout), the returned value is SDPA's own output,
-    bit-for-bit, and only the gradient comes from the explicit computation.
+    With dropout (``dropout_p > 0``, training only) the attention is computed explicitly,
+    so the forward value is that of the same dropout mask applied to the explicit
+    softmax. ``exact_forward`` is kept for compatibility; the forward is always SDPA's.
     """
-    if divide_grads:
-        query = scale_grad(query, 0.25)
-        key = scale_grad(key, 0.25)
-        value = scale_grad(value, 0.5)
-    q_len, k_len = query.shape[-2], key.shape[-2]
+    del exact_forward
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    qk = 0.25 if divide_grads else 1.0
+    vf = 0.5 if divide_grads else 1.0
+    if dropout_p == 0.0:
+        return _GIMAttention.apply(
+            query, key, value, attn_mask, bool(is_causal), scale, bool(enable_gqa),
+            float(temperature), qk, vf,
+        )
+    query, key, value = scale_grad(query, qk), scale_grad(key, qk), scale_grad(value, vf)
     head_scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    k_full, v_full = key, value
     if enable_gqa and query.dim() >= 3:
-        k_full = _expand_kv_heads(key, query.shape[-3])
-        v_full = _expand_kv_heads(value, query.shape[-3])
-    scores = torch.matmul(query, k_full.transpose(-2, -1)) * head_scale
+        key = _expand_kv_heads(key, query.shape[-3])
+        value = _expand_kv_heads(value, query.shape[-3])
+    scores = torch.matmul(query, key.transpose(-2, -1)) * head_scale
     bias = attention_scores_mask(
-        attn_mask, is_causal, q_len, k_len, scores.dtype, scores.device
+        attn_mask, is_causal, query.shape[-2], key.shape[-2], scores.dtype, scores.device
     )
     if bias is not None:
         scores = scores + bias
     probs = tsg_softmax(scores, dim=-1, temperature=temperature)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs, v_full)
-    if exact_forward and dropout_p == 0.0:
-        with torch.no_grad():
-            kwargs = {"enable_gqa": True} if enable_gqa else {}
-            ref = F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                attn_mask=attn_mask,
-                dropout_p=0.0,
-                is_causal=is_causal,
-                scale=scale,
-                **kwargs,
-            )
-        out = straight_through(ref, out)
-    return out
+    return torch.matmul(F.dropout(probs, p=dropout_p, training=True), value)

@@ -62,14 +62,16 @@ def test_encoder_stack_with_padding_mask_against_reference(T):
     pad[0, 4:] = True
     bias = torch.zeros(2, 1, 1, L, dtype=torch.float64).masked_fill(pad[:, None, None, :], -float("inf"))
 
+    w = torch.randn(L, E, dtype=torch.float64)  # a plain sum of a LayerNorm output has no gradient
+
     def ref_fwd(t):
         for lyr in enc.layers:
             t = ref_encoder_layer(lyr, t, bias, T, True, True)
-        return t[:, :3].sum((1, 2))
+        return (t * w).sum((1, 2))
 
     ref = _grad(ref_fwd, x)
     got = GIMAttribution(
-        lambda t, m: enc(t, src_key_padding_mask=m)[:, :3].sum((1, 2)),
+        lambda t, m: (enc(t, src_key_padding_mask=m) * w).sum((1, 2)),
         enc,
         multiply_by_inputs=False,
         temperature=T,
@@ -170,19 +172,20 @@ def test_decoder_layer_causal_against_reference(norm_first, T):
     mem = torch.randn(2, S, E, dtype=torch.float64)
     x = torch.randn(2, L, E, dtype=torch.float64)
     tgt_mask = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+    w = torch.randn(L, E, dtype=torch.float64)  # a plain sum of a LayerNorm output has no gradient
 
-    ref = _grad(lambda t: _ref_decoder_layer(layer, t, mem, tgt_mask, T, True, True).sum((1, 2)), x)
+    ref = _grad(lambda t: (_ref_decoder_layer(layer, t, mem, tgt_mask, T, True, True) * w).sum((1, 2)), x)
     got = GIMAttribution(
-        lambda t: layer(t, mem, tgt_mask=tgt_mask, tgt_is_causal=True).sum((1, 2)),
+        lambda t: (layer(t, mem, tgt_mask=tgt_mask, tgt_is_causal=True) * w).sum((1, 2)),
         layer,
         multiply_by_inputs=False,
         temperature=T,
     ).attribute(x)
     torch.testing.assert_close(got, ref)
     # gradient to the memory as well (cross-attention keys and values)
-    ref_m = _grad(lambda m: _ref_decoder_layer(layer, x, m, tgt_mask, T, True, True).sum((1, 2)), mem)
+    ref_m = _grad(lambda m: (_ref_decoder_layer(layer, x, m, tgt_mask, T, True, True) * w).sum((1, 2)), mem)
     got_m = GIMAttribution(
-        lambda m: layer(x, m, tgt_mask=tgt_mask).sum((1, 2)), layer, multiply_by_inputs=False, temperature=T
+        lambda m: (layer(x, m, tgt_mask=tgt_mask) * w).sum((1, 2)), layer, multiply_by_inputs=False, temperature=T
     ).attribute(mem)
     torch.testing.assert_close(got_m, ref_m)
 
@@ -193,6 +196,7 @@ def test_full_nn_transformer_matches_reference_and_rules_report():
     tr = nn.Transformer(E, H, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=16, dropout=0.0, batch_first=True).double().eval()
     src = torch.randn(2, 5, E, dtype=torch.float64)
     tgt = torch.randn(2, 3, E, dtype=torch.float64)
+    w = torch.randn(3, E, dtype=torch.float64)  # a plain sum of a LayerNorm output has no gradient
 
     def ref_fwd(s):
         m = s
@@ -201,11 +205,12 @@ def test_full_nn_transformer_matches_reference_and_rules_report():
         m = ref_layer_norm(m, tr.encoder.norm.weight, tr.encoder.norm.bias, tr.encoder.norm.eps, True)
         y = _ref_decoder_layer(tr.decoder.layers[0], tgt, m, None, 2.0, True, True)
         y = ref_layer_norm(y, tr.decoder.norm.weight, tr.decoder.norm.bias, tr.decoder.norm.eps, True)
-        return y.sum((1, 2))
+        return (y * w).sum((1, 2))
 
     ref = _grad(ref_fwd, src)
-    attr = GIMAttribution(lambda s: tr(s, tgt).sum((1, 2)), tr, multiply_by_inputs=False)
+    attr = GIMAttribution(lambda s: (tr(s, tgt) * w).sum((1, 2)), tr, multiply_by_inputs=False)
     got = attr.attribute(src)
+    assert ref.abs().max() > 1e-3
     torch.testing.assert_close(got, ref)
     by_rule = attr.last_report.by_rule()
     assert len(by_rule["torch.nn.MultiheadAttention"]) == 2 + 2  # 2 enc self, 1 dec self + 1 cross
