@@ -68,7 +68,7 @@ def test_error_inside_forward_leaves_nothing_behind(encoder_classifier):
 def test_bad_target_gives_clear_error_and_leaves_nothing(encoder_classifier):
     x = torch.randn(2, 6, 16)
     attr = GIMAttribution(encoder_classifier)
-    with pytest.raises(ValueError, match=r"out of range.*\[0, 3\)"):
+    with pytest.raises(ValueError, match=r"out of range.*\[-3, 3\)"):
         attr.attribute(x, target=3)
     with pytest.raises(ValueError, match="one entry per example"):
         attr.attribute(x, target=[0, 1, 2])
@@ -80,6 +80,10 @@ def test_bad_target_gives_clear_error_and_leaves_nothing(encoder_classifier):
         attr.attribute(x)
     with pytest.raises(ValueError, match="2 indices"):
         attr.attribute(x, target=(0, 1))
+    with pytest.raises(ValueError, match=r"\[-3, 3\)"):
+        attr.attribute(x, target=-4)
+    # negative ints index from the end, as in Captum
+    torch.testing.assert_close(attr.attribute(x, target=-1), attr.attribute(x, target=2))
     assert_model_clean(encoder_classifier)
 
 

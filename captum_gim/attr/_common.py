@@ -50,7 +50,11 @@ def check_float_inputs(inputs: Tuple[Tensor, ...], method: str) -> None:
             )
 
 
-def _check_index(idx: Any, shape: Sequence[int], where: str) -> None:
+def _check_index(idx: Any, shape: Sequence[int], where: str, negative_ok: bool) -> None:
+    """``idx`` (an int or a tuple of ints/slices) must select inside ``shape``.
+
+    Captum indexes ints and tuples with Python indexing (negative indices allowed) and
+    lists / tensors of ints with ``gather`` (they are not)."""
     idx_t = idx if isinstance(idx, tuple) else (idx,)
     if len(idx_t) > len(shape):
         raise ValueError(
@@ -58,14 +62,17 @@ def _check_index(idx: Any, shape: Sequence[int], where: str) -> None:
             f"{len(shape)} dimension(s) per example (shape {tuple(shape)})"
         )
     for j, (i, n) in enumerate(zip(idx_t, shape)):
+        if isinstance(i, slice):
+            continue
         if isinstance(i, Tensor):
             i = int(i.item())
-        if not isinstance(i, int):
+        if isinstance(i, bool) or not isinstance(i, int):
             raise TypeError(f"target {where}{idx!r}: index {i!r} is not an integer")
-        if not 0 <= i < n:
+        low = -n if negative_ok else 0
+        if not low <= i < n:
             raise ValueError(
                 f"target {where}{idx!r} is out of range for a model output of shape "
-                f"(batch, {', '.join(map(str, shape))}): index {j} must be in [0, {n}). "
+                f"(batch, {', '.join(map(str, shape))}): index {j} must be in [{low}, {n}). "
                 "Pass a class index that exists in the output."
             )
 
@@ -88,10 +95,10 @@ def validate_target(output: Tensor, target: TargetType) -> None:
     per_example = tuple(output.shape[1:])
     batch = output.shape[0]
     if isinstance(target, (int, tuple)) and not isinstance(target, bool):
-        _check_index(target, per_example, "")
+        _check_index(target, per_example, "", negative_ok=True)
     elif isinstance(target, Tensor):
         if target.numel() == 1:
-            _check_index(int(target.item()), per_example, "")
+            _check_index(int(target.item()), per_example, "", negative_ok=True)
         else:
             if target.dim() != 1 or target.shape[0] != batch:
                 raise ValueError(
@@ -99,7 +106,7 @@ def validate_target(output: Tensor, target: TargetType) -> None:
                     f"got shape {tuple(target.shape)}"
                 )
             for k, t in enumerate(target.tolist()):
-                _check_index(int(t), per_example, f"[{k}] = ")
+                _check_index(int(t), per_example, f"[{k}] = ", negative_ok=False)
     elif isinstance(target, list):
         if len(target) != batch:
             raise ValueError(
@@ -107,7 +114,7 @@ def validate_target(output: Tensor, target: TargetType) -> None:
                 f"batch of {batch}"
             )
         for k, t in enumerate(target):
-            _check_index(t, per_example, f"[{k}] = ")
+            _check_index(t, per_example, f"[{k}] = ", negative_ok=isinstance(t, tuple))
     else:
         raise TypeError(
             f"target must be None, an int, a tuple, a tensor or a list, got {type(target).__name__}"
