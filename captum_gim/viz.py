@@ -1,0 +1,477 @@
+r"""Plots and HTML for attributions, without IPython and on current matplotlib.
+
+- :func:`text_records_html`: Captum's ``visualize_text`` table, built from the same
+  :class:`captum.attr.visualization.VisualizationDataRecord` records and Captum's own
+  formatting helpers, returned as an HTML string (Captum's function needs IPython to
+  display it).
+- :func:`visualize_timeseries_attr`: Captum's function of the same name, working on
+  matplotlib >= 3.9 (Captum's calls ``matplotlib.cm.get_cmap``, removed in 3.9), and
+  never touching pyplot's global state unless asked to.
+- :func:`plot_deletion_curves`, :func:`plot_metric_bars`, :func:`plot_time_vs_quality`
+  and :func:`comparison_html`: the figures and the page of ``captum-gim compare``.
+
+All figures are made with the object-oriented API (:class:`matplotlib.figure.Figure`),
+so nothing here needs a display or changes the matplotlib backend.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+__all__ = [
+    "text_records_html",
+    "visualize_timeseries_attr",
+    "plot_deletion_curves",
+    "plot_metric_bars",
+    "plot_time_vs_quality",
+    "comparison_html",
+]
+
+_STYLE = {
+    "GIM": ("#d62728", "-"),
+    "GIM ablation": ("#ff9896", "--"),
+    "Captum": ("#1f77b4", "-"),
+    "floor": ("#7f7f7f", ":"),
+}
+_METRIC_LABELS = {
+    "comprehensiveness_aopc": ("Comprehensiveness (AOPC)", True),
+    "sufficiency_aopc": ("Sufficiency (AOPC)", False),
+    "deletion_auc": ("Deletion AUC", False),
+    "gt_auroc": ("Ground-truth AUROC", True),
+    "gt_top1": ("Top-1 hit rate", True),
+    "infidelity": ("Infidelity", False),
+}
+
+
+# --------------------------------------------------------------------------- text
+
+
+def _word_cells(words: Sequence[str], importances: Sequence[float]) -> str:
+    from captum.attr._utils.visualization import _get_color, format_special_tokens
+
+    tags = ["<td>"]
+    for word, imp in zip(words, importances):
+        w = html.escape(format_special_tokens(str(word)))
+        v = 0.0 if imp is None or not math.isfinite(float(imp)) else float(imp)
+        tags.append(
+            f'<mark style="background-color: {_get_color(v)}; opacity:1.0; '
+            f'line-height:1.75" title="{v:+.3f}"><font color="black"> {w} </font></mark>'
+        )
+    tags.append("</td>")
+    return "".join(tags)
+
+
+def text_records_html(
+    records: Iterable[Any],
+    legend: bool = True,
+    row_headers: Optional[Sequence[str]] = None,
+    header_name: str = "Method",
+) -> str:
+    r"""Captum's ``visualize_text`` table as an HTML string (no IPython needed).
+
+    Args:
+        records (iterable of VisualizationDataRecord): as for Captum's
+            ``visualization.visualize_text``; ``word_attributions`` should be in
+            [-1, 1] (larger values are clipped, as in Captum).
+        legend (bool): add Captum's negative / neutral / positive legend.
+        row_headers (sequence of str, optional): an extra first column (e.g. the
+            method of each row).
+        header_name (str): the title of that column.
+
+    Returns:
+        str: an HTML ``<table>``.
+
+    Example::
+
+        >>> from captum.attr import visualization
+        >>> rec = visualization.VisualizationDataRecord(
+        ...     [0.9, -0.2], 0.97, "pos", "pos", "pos", 0.7, ["great", "movie"], 0.0)
+        >>> html = text_records_html([rec], row_headers=["GIM"])
+        >>> "great" in html and "GIM" in html
+        True
+    """
+    from captum.attr._utils.visualization import _get_color, format_classname
+
+    records = list(records)
+    dom = ['<table class="attr">']
+    head = "".join(
+        f"<th>{h}</th>"
+        for h in ([header_name] if row_headers is not None else [])
+        + ["True Label", "Predicted Label", "Attribution Label", "Attribution Score",
+           "Word Importance"]
+    )
+    dom.append(f"<tr>{head}</tr>")
+    for k, r in enumerate(records):
+        attrs = r.word_attributions
+        attrs = attrs.tolist() if hasattr(attrs, "tolist") else list(attrs)
+        cells = []
+        if row_headers is not None:
+            cells.append(format_classname(html.escape(str(row_headers[k]))))
+        pred = r.pred_prob
+        pred_txt = f"{r.pred_class} ({pred:.2f})" if isinstance(pred, (int, float)) else str(r.pred_class)
+        cells += [
+            format_classname(html.escape(str(r.true_class))),
+            format_classname(html.escape(pred_txt)),
+            format_classname(html.escape(str(r.attr_class))),
+            format_classname(f"{r.attr_score:.2f}" if isinstance(r.attr_score, (int, float)) else str(r.attr_score)),
+            _word_cells(r.raw_input_ids, attrs),
+        ]
+        dom.append("<tr>" + "".join(cells) + "</tr>")
+    dom.append("</table>")
+    if legend:
+        dom.append('<div class="legend"><b>Legend: </b>')
+        for value, label in zip([-1, 0, 1], ["Negative", "Neutral", "Positive"]):
+            dom.append(
+                '<span style="display: inline-block; width: 10px; height: 10px; '
+                f'border: 1px solid; background-color: {_get_color(value)}"></span> {label} '
+            )
+        dom.append("</div>")
+    return "".join(dom)
+
+
+# --------------------------------------------------------------------------- time series
+
+
+def visualize_timeseries_attr(
+    attr: np.ndarray,
+    data: np.ndarray,
+    x_values: Optional[np.ndarray] = None,
+    method: str = "overlay_individual",
+    sign: str = "absolute_value",
+    channel_labels: Optional[List[str]] = None,
+    channels_last: bool = True,
+    plt_fig_axis: Optional[Tuple[Figure, Union[Axes, np.ndarray]]] = None,
+    outlier_perc: Union[int, float] = 2,
+    cmap: Optional[Any] = None,
+    alpha_overlay: float = 0.7,
+    show_colorbar: bool = False,
+    title: Optional[str] = None,
+    fig_size: Tuple[int, int] = (6, 6),
+    use_pyplot: bool = False,
+    **pyplot_kwargs: Any,
+) -> Tuple[Figure, Union[Axes, np.ndarray]]:
+    r"""Captum's ``visualize_timeseries_attr``, working on matplotlib >= 3.9.
+
+    Same arguments and behaviour as
+    :func:`captum.attr.visualization.visualize_timeseries_attr` (``attr`` and ``data``
+    of shape ``(N, C)``, or ``(C, N)`` with ``channels_last=False``; methods
+    ``overlay_individual``, ``overlay_combined``, ``colored_graph``; signs
+    ``absolute_value``, ``positive``, ``negative``, ``all``), except that the colormap
+    is looked up in ``matplotlib.colormaps`` and that, by default
+    (``use_pyplot=False``), it builds a stand-alone :class:`~matplotlib.figure.Figure`
+    and does not call ``plt.show()``.
+
+    Returns:
+        (figure, axis or array of axes)
+
+    Example::
+
+        >>> import numpy as np
+        >>> t = np.linspace(0, 6, 50)
+        >>> data = np.stack([np.sin(t), np.cos(t)], axis=1)
+        >>> fig, axes = visualize_timeseries_attr(data * 0.5, data, method="overlay_individual")
+        >>> len(axes)
+        2
+    """
+    import matplotlib
+    from matplotlib import colors
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.collections import LineCollection
+
+    from captum.attr._utils.visualization import _initialize_cmap_and_vmin_vmax, _normalize_attr
+
+    attr = np.asarray(attr, dtype=np.float64)
+    data = np.asarray(data, dtype=np.float64)
+    if attr.ndim != 2 or data.ndim != 2:
+        raise ValueError(f"expected attr and data of shape (N, C), got {attr.shape} and {data.shape}")
+    if attr.shape != data.shape:
+        raise ValueError(f"attr {attr.shape} and data {data.shape} must have the same shape")
+    if method not in ("overlay_individual", "overlay_combined", "colored_graph"):
+        raise ValueError(f"invalid visualization method {method!r}")
+    if channels_last:
+        attr, data = attr.T, data.T
+    n_channels, length = attr.shape
+    if method == "overlay_combined":
+        attr = attr.sum(axis=0, keepdims=True)
+    x = np.arange(length) if x_values is None else np.asarray(x_values)
+    if x.shape[0] != length:
+        raise ValueError("x_values must have the same length as the data")
+
+    n_rows = 1 if method == "overlay_combined" else n_channels
+    if plt_fig_axis is not None:
+        fig, axis = plt_fig_axis
+    elif use_pyplot:
+        import matplotlib.pyplot as plt
+
+        fig, axis = plt.subplots(n_rows, 1, figsize=fig_size, sharex=True, squeeze=False)
+        axis = axis[:, 0]
+    else:
+        fig = Figure(figsize=fig_size)
+        axis = fig.subplots(n_rows, 1, sharex=True, squeeze=False)[:, 0]
+    axes = np.atleast_1d(np.asarray(axis, dtype=object))
+
+    norm_attr = _normalize_attr(attr, sign, outlier_perc)
+    default_cmap, vmin, vmax = _initialize_cmap_and_vmin_vmax(sign)
+    cmap_obj = cmap if cmap is not None else default_cmap
+    if isinstance(cmap_obj, str):
+        cmap_obj = matplotlib.colormaps[cmap_obj]
+    norm = colors.Normalize(vmin, vmax)
+    half = (x[1] - x[0]) / 2.0 if length > 1 else 0.5
+
+    def spans(ax: Axes, values: np.ndarray) -> None:
+        for xc, v in zip(x, values):
+            ax.axvspan(xc - half, xc + half, facecolor=cmap_obj(norm(v)), edgecolor=None,
+                       alpha=alpha_overlay)
+
+    if method == "overlay_individual":
+        for c in range(n_channels):
+            axes[c].plot(x, data[c], **pyplot_kwargs)
+            if channel_labels is not None:
+                axes[c].set_ylabel(channel_labels[c])
+            spans(axes[c], norm_attr[c])
+    elif method == "overlay_combined":
+        cycle = matplotlib.colormaps["Dark2"].colors
+        for c in range(n_channels):
+            label = channel_labels[c] if channel_labels else None
+            axes[0].plot(x, data[c], label=label, color=cycle[c % len(cycle)], **pyplot_kwargs)
+        spans(axes[0], norm_attr[0])
+        if channel_labels:
+            axes[0].legend(loc="best")
+    else:
+        for c in range(n_channels):
+            pts = np.array([x, data[c]]).T.reshape(-1, 1, 2)
+            lc = LineCollection(np.concatenate([pts[:-1], pts[1:]], axis=1), cmap=cmap_obj,
+                                norm=norm, **pyplot_kwargs)
+            lc.set_array(norm_attr[c, :-1] if length > 1 else norm_attr[c])
+            axes[c].add_collection(lc)
+            lo, hi = float(np.min(data[c])), float(np.max(data[c]))
+            pad = 0.1 * (hi - lo) if hi > lo else 1.0
+            axes[c].set_ylim(lo - pad, hi + pad)
+            if channel_labels is not None:
+                axes[c].set_ylabel(channel_labels[c])
+    if n_rows > 1:
+        fig.subplots_adjust(hspace=0)
+    axes[-1].set_xlim(x[0] - half, x[-1] + half)
+    if show_colorbar:
+        fig.colorbar(ScalarMappable(norm, cmap_obj), ax=list(axes), orientation="horizontal",
+                     alpha=1.0 if method == "colored_graph" else alpha_overlay, fraction=0.05)
+    if title:
+        axes[0].set_title(title)
+    if use_pyplot and plt_fig_axis is None:
+        import matplotlib.pyplot as plt
+
+        plt.show()
+    return fig, (axes if len(axes) > 1 else axes[0])
+
+
+# --------------------------------------------------------------------------- comparison plots
+
+
+def _style(rec: Dict[str, Any]) -> Tuple[str, str]:
+    color, ls = _STYLE.get(rec.get("family", ""), ("#2ca02c", "-"))
+    if rec["key"] == "gim":
+        return "#d62728", "-"
+    if rec["key"] == "ig-gim":
+        return "#9467bd", "-"
+    if rec["key"] == "ig":
+        return "#1f77b4", "-"
+    palette = {"saliency": "#17becf", "ixg": "#bcbd22", "gradshap": "#2ca02c"}
+    return palette.get(rec["key"], color), ls
+
+
+def plot_deletion_curves(report: Dict[str, Any], path: Path) -> Path:
+    r"""Mean deletion curve per method with its confidence band, saved as PNG."""
+    fig = Figure(figsize=(7.5, 5))
+    ax = fig.subplots()
+    for rec in report["methods"]:
+        c = rec["deletion_curve"]
+        xs = np.asarray(c["fractions"], dtype=float)
+        mean = np.asarray([np.nan if v is None else v for v in c["mean"]], dtype=float)
+        lo = np.asarray([np.nan if v is None else v for v in c["ci_low"]], dtype=float)
+        hi = np.asarray([np.nan if v is None else v for v in c["ci_high"]], dtype=float)
+        color, ls = _style(rec)
+        auc = (rec["metrics"].get("deletion_auc") or {}).get("mean")
+        label = rec["name"] + (f" (AUC {auc:.3f})" if auc is not None else "")
+        ax.plot(xs, mean, ls, color=color, label=label, lw=2 if rec["family"] == "GIM" else 1.3)
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.08)
+    ax.set_xlabel(f"fraction of {report['task']['unit']}s removed (most important first)")
+    ax.set_ylabel(report["task"]["score"])
+    ax.set_title(f"Deletion curves: {report['task']['name']} (lower = more faithful)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_metric_bars(report: Dict[str, Any], path: Path) -> Path:
+    r"""One bar chart per metric (mean and confidence interval per method), as PNG."""
+    metrics = [
+        m for m in _METRIC_LABELS
+        if any((r["metrics"].get(m) or {}).get("n") for r in report["methods"])
+    ]
+    cols = 3
+    rows = max(1, math.ceil(len(metrics) / cols))
+    fig = Figure(figsize=(4.2 * cols, 3.6 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    names = [r["name"] for r in report["methods"]]
+    y = np.arange(len(names))
+    for ax, m in zip(axes, metrics):
+        means, errs, colors = [], [[], []], []
+        for r in report["methods"]:
+            s = r["metrics"].get(m) or {}
+            mu = s.get("mean")
+            mu = np.nan if mu is None else mu
+            lo = s.get("ci_low") if s.get("ci_low") is not None else mu
+            hi = s.get("ci_high") if s.get("ci_high") is not None else mu
+            means.append(mu)
+            errs[0].append(max(0.0, mu - lo) if np.isfinite(mu) else 0.0)
+            errs[1].append(max(0.0, hi - mu) if np.isfinite(mu) else 0.0)
+            colors.append(_style(r)[0])
+        ax.barh(y, means, xerr=errs, color=colors, alpha=0.85, capsize=2)
+        ax.set_yticks(y, names, fontsize=7)
+        ax.invert_yaxis()
+        label, higher = _METRIC_LABELS[m]
+        ax.set_title(f"{label} ({'higher' if higher else 'lower'} = better)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
+    ci = report["settings"]["ci_level"]
+    fig.suptitle(f"{report['task']['name']}: mean and {ci:.0%} bootstrap CI over "
+                 f"{report['task']['n_examples']} examples", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_time_vs_quality(report: Dict[str, Any], path: Path) -> Path:
+    r"""Median time per example against comprehensiveness and (if known) ground-truth
+    AUROC, one point per method, as PNG."""
+    qualities = ["comprehensiveness_aopc"]
+    if any((r["metrics"].get("gt_auroc") or {}).get("n") for r in report["methods"]):
+        qualities.append("gt_auroc")
+    fig = Figure(figsize=(6.2 * len(qualities), 4.8))
+    axes = np.atleast_1d(fig.subplots(1, len(qualities), squeeze=False)).ravel()
+    for ax, q in zip(axes, qualities):
+        for r in report["methods"]:
+            t = r.get("median_time_ms")
+            s = r["metrics"].get(q) or {}
+            if t is None or s.get("mean") is None or t <= 0:
+                continue
+            color, _ = _style(r)
+            lo = s.get("ci_low", s["mean"])
+            hi = s.get("ci_high", s["mean"])
+            ax.errorbar([t], [s["mean"]], yerr=[[s["mean"] - lo], [hi - s["mean"]]],
+                        fmt="o", color=color, capsize=3)
+            ax.annotate(r["name"], (t, s["mean"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("median wall time per example (ms, log scale)")
+        label, higher = _METRIC_LABELS[q]
+        ax.set_ylabel(f"{label} ({'higher' if higher else 'lower'} = better)")
+        ax.grid(alpha=0.3, which="both")
+    fig.suptitle(f"Cost against quality: {report['task']['name']} "
+                 f"({report['versions'].get('torch_threads')} CPU thread(s) / {report['task']['device']})",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _records_for_example(report: Dict[str, Any], ex: Dict[str, Any]) -> Tuple[List[Any], List[str]]:
+    from captum.attr._utils.visualization import VisualizationDataRecord
+
+    valid = ex["valid"]
+    labels = ex.get("unit_labels") or [str(i) for i in range(len(valid))]
+    keep = [i for i, v in enumerate(valid) if v]
+    words = [labels[i] for i in keep]
+    target = ex.get("target")
+    attr_class = ex.get("target_label") or ("output" if target is None else str(target))
+    records, heads = [], []
+    if ex.get("evidence") is not None:
+        truth = [1.0 if ex["evidence"][i] else 0.0 for i in keep]
+        records.append(VisualizationDataRecord(
+            truth, ex.get("full_score") or 0.0, attr_class, ex.get("true_label") or "",
+            attr_class, float(sum(truth)), words, 0.0))
+        heads.append("ground truth")
+    for rec in report["methods"]:
+        scores = ex["scores"].get(rec["key"])
+        if scores is None:
+            continue
+        s = np.asarray([scores[i] for i in keep], dtype=float)
+        scale = np.max(np.abs(s)) if s.size and np.max(np.abs(s)) > 0 else 1.0
+        records.append(VisualizationDataRecord(
+            (s / scale).tolist(), ex.get("full_score") or 0.0, attr_class,
+            ex.get("true_label") or "", attr_class, float(s.sum()), words, 0.0))
+        heads.append(rec["name"])
+    return records, heads
+
+
+def comparison_html(report: Dict[str, Any], plots: Dict[str, str], table: str, path: Path) -> Path:
+    r"""The HTML page of a comparison: settings, table, plots, and examples side by side.
+
+    Args:
+        report (dict): from :func:`captum_gim.evaluation.compare.run_comparison`.
+        plots (dict): caption -> image file name (relative to the page).
+        table (str): the text table.
+        path (Path): where to write the page.
+    """
+    esc = html.escape
+    task = report["task"]
+    v = report["versions"]
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>captum-gim compare: {esc(task['name'])}</title>",
+        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table.attr{border-collapse:collapse;margin:.5em 0}table.attr td,table.attr th"
+        "{padding:2px 6px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}"
+        "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}"
+        "img{max-width:100%}.legend{margin:.3em 0 1.5em}</style></head><body>",
+        f"<h1>GIM against Captum's gradient methods: {esc(task['name'])}</h1>",
+        f"<p>{esc(task['description'])}</p>",
+        f"<p><b>Command:</b> <code>{esc(str(report.get('command', '')))}</code><br>"
+        f"<b>Date:</b> {esc(report['date'])}<br>"
+        f"<b>Versions:</b> captum-gim {esc(str(v.get('captum_gim')))}, torch {esc(str(v.get('torch')))}, "
+        f"captum {esc(str(v.get('captum')))}, Python {esc(str(v.get('python')))}"
+        + (f", transformers {esc(str(v['transformers']))}" if v.get("transformers") else "")
+        + (f", pyhealth {esc(str(v['pyhealth']))}" if v.get("pyhealth") else "")
+        + f"<br><b>Examples:</b> {task['n_examples']}; <b>score:</b> {esc(task['score'])}; "
+        f"<b>ground truth:</b> {esc(str(task.get('ground_truth') or 'not known'))}</p>",
+        "<h2>Results</h2>",
+        f"<pre>{esc(table)}</pre>",
+    ]
+    if report.get("summary"):
+        parts.append(f"<pre>{esc(report['summary'])}</pre>")
+    parts.append("<h3>How each number was measured</h3><ul>")
+    for k, text in report.get("measurement", {}).items():
+        parts.append(f"<li><b>{esc(k)}</b>: {esc(str(text))}</li>")
+    parts.append("</ul>")
+    for caption, file in plots.items():
+        parts.append(f"<h3>{esc(caption)}</h3><img src='{esc(file)}' alt='{esc(caption)}'>")
+    parts.append("<h2>Examples</h2><p>Each row: one method's attribution of the explained "
+                 "output, per unit, scaled by its largest magnitude (green: for, red: against). "
+                 "Hover a unit for its value.</p>")
+    for ex in report.get("examples_shown", []):
+        title = f"Example {ex['index']}" + (f" ({esc(ex['group'])})" if ex.get("group") else "")
+        parts.append(f"<h3>{title}</h3>")
+        if ex.get("text"):
+            parts.append(f"<p><code>{esc(ex['text'])}</code></p>")
+        records, heads = _records_for_example(report, ex)
+        parts.append(text_records_html(records, legend=True, row_headers=heads))
+    parts.append("</body></html>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(parts))
+    return path
