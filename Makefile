@@ -19,5 +19,11 @@ test-fast: env
 bench: env
 	$(PY) benchmarks/overhead.py
 
+# HTML with warnings as errors (-E: every page re-read, so no warning hides in a cache),
+# then every example in the pages and docstrings (sphinx.ext.doctest).
+docs: env
+	$(PY) -m sphinx -W --keep-going -E -b html docs docs/_build/html
+	$(PY) -m sphinx -W --keep-going -E -b doctest docs docs/_build/doctest
+
 clean:
 	rm -rf results docs/_build .pytest_cache
