@@ -9,7 +9,57 @@ from torch import Tensor, nn
 
 from captum._utils.typing import TargetType
 
-__all__ = ["resolve_model", "check_float_inputs", "checked_forward", "validate_target"]
+from ..config import GIMConfig
+from ..registry import RuleRegistry
+from ..scope import gim_backward
+
+__all__ = [
+    "GIMSettings",
+    "resolve_model",
+    "check_float_inputs",
+    "checked_forward",
+    "validate_target",
+]
+
+
+class GIMSettings:
+    r"""What :class:`GIMAttribution` and :class:`LayerGIM` share: the model whose backward
+    pass is modified, the GIM settings, and the scope they run in."""
+
+    def _init_gim(
+        self,
+        forward_func: Callable[..., Any],
+        model: Optional[nn.Module],
+        temperature: float,
+        freeze_norms: bool,
+        divide_grads: bool,
+        keep_norm_mean: bool,
+        strict: bool,
+        registry: Optional[RuleRegistry],
+    ) -> None:
+        # validate now rather than at the first attribute() call
+        GIMConfig(temperature, freeze_norms, divide_grads, keep_norm_mean)
+        self.model: nn.Module = resolve_model(forward_func, model)
+        self.temperature = temperature
+        self.freeze_norms = freeze_norms
+        self.divide_grads = divide_grads
+        self.keep_norm_mean = keep_norm_mean
+        self.strict = strict
+        self.registry = registry
+        #: the :class:`~captum_gim.GIMReport` of the last ``attribute`` call
+        self.last_report: Any = None
+
+    def scope(self) -> Any:
+        r"""The :func:`~captum_gim.gim_backward` scope this attribution runs in."""
+        return gim_backward(
+            self.model,
+            temperature=self.temperature,
+            freeze_norms=self.freeze_norms,
+            divide_grads=self.divide_grads,
+            keep_norm_mean=self.keep_norm_mean,
+            strict=self.strict,
+            registry=self.registry,
+        )
 
 
 def resolve_model(forward_func: Callable[..., Any], model: Optional[nn.Module]) -> nn.Module:

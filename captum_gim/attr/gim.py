@@ -2,7 +2,7 @@ r"""``GIMAttribution``: GIM as a Captum ``GradientAttribution``."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, cast
+from typing import Callable, Optional, cast
 
 from torch import Tensor, nn
 
@@ -19,13 +19,12 @@ from captum.attr._utils.common import _format_input_baseline, _validate_input
 from captum.log import log_usage
 
 from ..registry import RuleRegistry
-from ..scope import gim_backward
-from ._common import check_float_inputs, checked_forward, resolve_model
+from ._common import GIMSettings, check_float_inputs, checked_forward
 
 __all__ = ["GIMAttribution"]
 
 
-class GIMAttribution(GradientAttribution):
+class GIMAttribution(GIMSettings, GradientAttribution):
     r"""Gradient Interaction Modifications (GIM) for any model Captum can attribute.
 
     GIM (Edin et al., 2025, *GIM: Improved Interpretability for Large Language Models*)
@@ -73,31 +72,11 @@ class GIMAttribution(GradientAttribution):
         registry: Optional[RuleRegistry] = None,
     ) -> None:
         GradientAttribution.__init__(self, forward_func)
-        self.model: nn.Module = resolve_model(forward_func, model)
-        self.temperature = temperature
-        self.freeze_norms = freeze_norms
-        self.divide_grads = divide_grads
-        self.keep_norm_mean = keep_norm_mean
-        self.strict = strict
-        self.registry = registry
-        self._multiply_by_inputs = multiply_by_inputs
-        self.last_report = None
-        # validate the settings now rather than at the first attribute() call
-        from ..config import GIMConfig
-
-        GIMConfig(temperature, freeze_norms, divide_grads, keep_norm_mean)
-
-    def scope(self) -> Any:
-        r"""The :func:`~captum_gim.gim_backward` scope this attribution runs in."""
-        return gim_backward(
-            self.model,
-            temperature=self.temperature,
-            freeze_norms=self.freeze_norms,
-            divide_grads=self.divide_grads,
-            keep_norm_mean=self.keep_norm_mean,
-            strict=self.strict,
-            registry=self.registry,
+        self._init_gim(
+            forward_func, model, temperature, freeze_norms, divide_grads, keep_norm_mean,
+            strict, registry,
         )
+        self._multiply_by_inputs = multiply_by_inputs
 
     @log_usage(part_of_slo=True)
     def attribute(

@@ -19,13 +19,12 @@ from captum.attr._utils.common import _tensorize_baseline
 from captum.log import log_usage
 
 from ..registry import RuleRegistry
-from ..scope import gim_backward
-from ._common import checked_forward, resolve_model
+from ._common import GIMSettings, checked_forward
 
 __all__ = ["LayerGIM"]
 
 
-class LayerGIM(LayerGradientXActivation):
+class LayerGIM(GIMSettings, LayerGradientXActivation):
     r"""GIM attributed at a layer: ``GIM-gradient(layer output) * (layer(x) - layer(baseline))``.
 
     For token models, pass the embedding layer (``model.get_input_embeddings()``): the
@@ -69,28 +68,9 @@ class LayerGIM(LayerGradientXActivation):
         LayerGradientXActivation.__init__(
             self, forward_func, layer, device_ids=device_ids, multiply_by_inputs=multiply_by_inputs
         )
-        self.model: nn.Module = resolve_model(forward_func, model)
-        self.temperature = temperature
-        self.freeze_norms = freeze_norms
-        self.divide_grads = divide_grads
-        self.keep_norm_mean = keep_norm_mean
-        self.strict = strict
-        self.registry = registry
-        self.last_report = None
-        from ..config import GIMConfig
-
-        GIMConfig(temperature, freeze_norms, divide_grads, keep_norm_mean)
-
-    def scope(self) -> Any:
-        r"""The :func:`~captum_gim.gim_backward` scope this attribution runs in."""
-        return gim_backward(
-            self.model,
-            temperature=self.temperature,
-            freeze_norms=self.freeze_norms,
-            divide_grads=self.divide_grads,
-            keep_norm_mean=self.keep_norm_mean,
-            strict=self.strict,
-            registry=self.registry,
+        self._init_gim(
+            forward_func, model, temperature, freeze_norms, divide_grads, keep_norm_mean,
+            strict, registry,
         )
 
     @log_usage(part_of_slo=True)
