@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 from torch import nn
 
@@ -160,6 +160,10 @@ class Rule:
         enabled (Callable[[GIMConfig], bool], optional): overrides the kind's default
             switch.
         note (str): a line for the report (e.g. why a softmax is left alone).
+        explain (Callable[[nn.Module], Optional[str]], optional): for a descendant that
+            looks like attention or normalisation but that ``covers`` does not cover, a
+            sentence saying why this rule cannot handle it (e.g. an unsupported attention
+            implementation); strict mode's error and the warning show it.
     """
 
     name: str
@@ -171,6 +175,7 @@ class Rule:
     covers: Optional[Callable[[nn.Module], bool]] = None
     enabled: Optional[Callable[[GIMConfig], bool]] = None
     note: str = ""
+    explain: Optional[Callable[[nn.Module], Optional[str]]] = None
 
     def __post_init__(self) -> None:
         if self.kind not in RULE_KINDS:
@@ -230,9 +235,14 @@ class Plan:
 
     matches: List[Match] = field(default_factory=list)
     unmatched: List[Tuple[str, str]] = field(default_factory=list)
+    #: module name -> why the rule above it cannot handle it (from ``Rule.explain``)
+    reasons: Dict[str, str] = field(default_factory=dict)
 
     def describe_unmatched(self) -> str:
-        return ", ".join(f"'{n or '<root>'}' ({c})" for n, c in self.unmatched)
+        return ", ".join(
+            f"'{n or '<root>'}' ({c})" + (f" [{self.reasons[n]}]" if n in self.reasons else "")
+            for n, c in self.unmatched
+        )
 
 
 class RuleRegistry:
@@ -353,6 +363,12 @@ class RuleRegistry:
             ) or any(_is_below(m, name) for m in matched_names)  # a wrapper of a matched module
             if not covered:
                 plan.unmatched.append((name, type(module).__name__))
+                for cname, r in coverers:
+                    if r.explain is not None and _is_below(name, cname):
+                        reason = r.explain(module)
+                        if reason:
+                            plan.reasons[name] = reason
+                            break
         return plan
 
 

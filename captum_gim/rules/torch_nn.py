@@ -9,7 +9,7 @@ gradient is needed, and so never inside an attribution).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -268,16 +268,30 @@ def _install_mha(module: nn.Module, config: GIMConfig) -> Handle:
     return replace_forward(m, forward)
 
 
+def _own_forward(base: type) -> Callable[[nn.Module], bool]:
+    """Instances of ``base`` (or subclasses) that still run ``base.forward``.
+
+    A subclass that overrides ``forward`` (e.g. transformers' ``ConvNextLayerNorm`` with
+    its channels-first layout) computes something else; replacing its forward with
+    ``base``'s would change its output, so it is left to other rules (or strict mode).
+    """
+
+    def predicate(m: nn.Module) -> bool:
+        return isinstance(m, base) and type(m).forward is base.forward
+
+    return predicate
+
+
 layer_norm_rule = Rule(
     "torch.nn.LayerNorm",
     _install_layer_norm,
     kind="norm",
-    types=(nn.LayerNorm,),
+    predicate=_own_forward(nn.LayerNorm),
 )
 
 _rms_types: Tuple[type, ...] = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 rms_norm_rule: Optional[Rule] = (
-    Rule("torch.nn.RMSNorm", _install_rms_norm, kind="norm", types=_rms_types)
+    Rule("torch.nn.RMSNorm", _install_rms_norm, kind="norm", predicate=_own_forward(nn.RMSNorm))
     if _rms_types
     else None
 )
