@@ -334,3 +334,18 @@ def test_llm_gradient_attribution_accepts_layer_gim():
     assert res.token_attr.shape == (2, 4)
     assert torch.isfinite(res.seq_attr).all()
     assert_model_clean(lm)
+
+
+def test_layer_gim_baseline_forward_stops_at_the_layer():
+    """The baseline activation needs the model only up to the layer: the rest never runs for
+    it, and no hook is left behind."""
+    torch.manual_seed(15)
+    model = TokenModel().eval()
+    calls = []
+    model.head.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    ids = torch.randint(1, 20, (3, 6))
+    LayerGIM(model, model.emb).attribute(ids, baselines=0, target=1)
+    assert calls == [3]  # the attributed forward only, not the baseline's
+    assert len(model.emb._forward_hooks) == 0
+    model.head._forward_hooks.clear()
+    assert_model_clean(model)

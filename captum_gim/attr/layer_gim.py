@@ -177,6 +177,11 @@ class LayerGIM(GIMSettings, LayerGradientXActivation):
             tensors.append(b.to(x.device))
         base = _tensorize_baseline(inputs, tuple(tensors))
         with torch.no_grad():
+            if self.device_ids is None:
+                return _layer_eval_until(
+                    self.forward_func, base, self.layer, additional_forward_args,
+                    attribute_to_layer_input,
+                )
             evals = _forward_layer_eval(
                 self.forward_func,
                 base,
@@ -186,3 +191,42 @@ class LayerGIM(GIMSettings, LayerGradientXActivation):
                 attribute_to_layer_input=attribute_to_layer_input,
             )
         return cast(Tuple[Tensor, ...], evals)
+
+
+class _ReachedLayer(Exception):
+    """Raised by a forward hook to stop a forward pass once the layer has run."""
+
+
+def _layer_eval_until(
+    forward_func: Callable[..., Any],
+    inputs: Tuple[Tensor, ...],
+    layer: nn.Module,
+    additional_forward_args: Any,
+    attribute_to_layer_input: bool,
+) -> Tuple[Tensor, ...]:
+    r"""The layer's output (or input) for ``inputs``, without running the rest of the model.
+
+    The baseline activation only needs the model up to the layer (for token models: the
+    embedding lookup), so the forward pass is stopped there; the hook is removed in any case.
+    """
+    captured: List[Tuple[Tensor, ...]] = []
+
+    def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+        value = args if attribute_to_layer_input else output
+        captured.append(value if isinstance(value, tuple) else (value,))
+        raise _ReachedLayer
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        extra = additional_forward_args if additional_forward_args is not None else ()
+        forward_func(*inputs, *extra)
+    except _ReachedLayer:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(
+            "the baseline forward pass never reached the attributed layer; check that "
+            "forward_func calls it"
+        )
+    return tuple(t for t in captured[0] if isinstance(t, Tensor))

@@ -296,11 +296,12 @@ rms_norm_rule: Optional[Rule] = (
     else None
 )
 
+
 multihead_attention_rule = Rule(
     "torch.nn.MultiheadAttention",
     _install_mha,
     kind="attention",
-    types=(nn.MultiheadAttention,),
+    predicate=_own_forward(nn.MultiheadAttention),
     exclusive=True,
 )
 
