@@ -38,7 +38,7 @@ try:
 except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError(f"{_INSTALL_HINT}. ({_e})") from _e
 
-from .adapters.plotting import plot_timeseries_attributions
+from .viz import plot_timeseries_attributions
 from .adapters.pyhealth import MASK_MODES, PyHealthAdapter, PyHealthGIM, PyHealthInputs
 from .rules.pyhealth import pyhealth_compatible_registry
 

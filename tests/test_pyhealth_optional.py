@@ -12,7 +12,7 @@ import pytest
 
 def test_core_import_does_not_import_pyhealth():
     code = (
-        "import sys, captum_gim, captum_gim.adapters, captum_gim.adapters.plotting; "
+        "import sys, captum_gim, captum_gim.adapters, captum_gim.viz; "
         "import captum_gim.rules; "
         "bad = [m for m in ('pyhealth', 'captum_gim.rules.pyhealth') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
@@ -31,7 +31,7 @@ def test_missing_pyhealth_gives_the_install_hint(monkeypatch):
 def test_timeseries_plot_is_backend_free():
     torch = pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
-    from captum_gim.adapters.plotting import plot_timeseries_attributions
+    from captum_gim.viz import plot_timeseries_attributions
 
     attr = torch.tensor([[0.5, -1.0], [0.0, 2.0], [0.0, 0.0]])
     ax = plot_timeseries_attributions(

@@ -40,7 +40,7 @@ from pyhealth.interpret.methods.base_interpreter import BaseInterpreter
 from ..attr.gim import GIMAttribution
 from ..rules.pyhealth import pyhealth_compatible_registry
 from ..scope import GIMReport
-from .plotting import plot_timeseries_attributions
+from ..viz import plot_timeseries_attributions
 
 __all__ = [
     "PyHealthAdapter",

@@ -72,7 +72,6 @@ _INTERNAL = {
     "captum_gim.attr.layer_gim",
     "captum_gim.adapters",
     "captum_gim.adapters.pyhealth",
-    "captum_gim.adapters.plotting",
 }
 #: Optional packages a module under these prefixes needs, for discovered modules.
 _NEEDS_BY_PREFIX = (("pyhealth", "pyhealth"), ("transformers", "transformers"))
