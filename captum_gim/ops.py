@@ -15,8 +15,9 @@ those of the plain model.
   ``sqrt(var + eps)`` is a constant in the backward pass, the mean keeps its gradient
   (or, with ``keep_mean=False``, is detached too, as PyHealth 2.1 does).
 - :func:`frozen_rms_norm`: ``F.rms_norm`` forward; the ``1/rms`` factor is a constant.
-- :func:`gim_attention`: explicit scaled-dot-product attention with TSG and the q/k/v
-  gradient division, whose forward value is that of ``F.scaled_dot_product_attention``.
+- :func:`gim_attention`: scaled-dot-product attention whose forward is
+  ``F.scaled_dot_product_attention`` itself and whose backward (TSG and the q/k/v gradient
+  division) is recomputed from q, k and v.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ __all__ = [
     "gim_attention",
     "straight_through",
 ]
+
+
+def _check_temperature(temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
 def _up(t: Tensor) -> Tensor:
@@ -95,8 +101,7 @@ def tsg_softmax(
         >>> bool(torch.equal(tsg_softmax(z, temperature=2.0), torch.softmax(z, -1)))
         True
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     if temperature == 1.0:
         return F.softmax(z, dim=dim, dtype=dtype)
     return _TSGSoftmax.apply(z, dim, float(temperature), dtype)
@@ -128,8 +133,16 @@ def scale_grad(x: Tensor, scale: float) -> Tensor:
     return _ScaleGrad.apply(x, float(scale))
 
 
-def _norm_dims(x: Tensor, normalized_shape: Sequence[int]) -> Tuple[int, ...]:
-    return tuple(range(x.dim() - len(normalized_shape), x.dim()))
+def _frozen_norm_grad_parts(
+    x: Tensor, g: Tensor, weight: Optional[Tensor], n_norm: int
+) -> Tuple[Tuple[int, ...], Tuple[int, ...], Tensor, Tensor, Tensor]:
+    """What both frozen-norm backward passes start from: the normalised and the batch
+    dimensions, ``x`` and ``g`` in at least float32, and ``g * weight``."""
+    norm_dims = tuple(range(x.dim() - n_norm, x.dim()))
+    batch_dims = tuple(range(x.dim() - n_norm))
+    xf, gf = _up(x), _up(g)
+    gw = gf * _up(weight) if weight is not None else gf
+    return norm_dims, batch_dims, xf, gf, gw
 
 
 class _FrozenLayerNorm(torch.autograd.Function):
@@ -154,18 +167,16 @@ class _FrozenLayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        dims = _norm_dims(x, ctx.normalized_shape)
-        xf = _up(x)
-        gf = _up(g)
+        dims, batch_dims, xf, gf, gw = _frozen_norm_grad_parts(
+            x, g, weight, len(ctx.normalized_shape)
+        )
         mean = xf.mean(dim=dims, keepdim=True)
         var = xf.var(dim=dims, unbiased=False, keepdim=True)
         inv_std = torch.rsqrt(var + ctx.eps)
-        gw = gf * _up(weight) if weight is not None else gf
         grad_x = gw * inv_std
         if ctx.keep_mean:
             grad_x = grad_x - grad_x.mean(dim=dims, keepdim=True)
         grad_w = grad_b = None
-        batch_dims = tuple(range(x.dim() - len(ctx.normalized_shape)))
         if weight is not None and ctx.needs_input_grad[2]:
             x_hat = (xf - mean) * inv_std
             grad_w = (gf * x_hat).sum(dim=batch_dims).to(weight.dtype)
@@ -218,16 +229,14 @@ class _FrozenRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        dims = _norm_dims(x, ctx.normalized_shape)
+        dims, batch_dims, xf, gf, gw = _frozen_norm_grad_parts(
+            x, g, weight, len(ctx.normalized_shape)
+        )
         eps = ctx.eps if ctx.eps is not None else torch.finfo(x.dtype).eps
-        xf = _up(x)
-        gf = _up(g)
         inv_rms = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
-        gw = gf * _up(weight) if weight is not None else gf
         grad_x = gw * inv_rms
         grad_w = None
         if weight is not None and ctx.needs_input_grad[2]:
-            batch_dims = tuple(range(x.dim() - len(ctx.normalized_shape)))
             grad_w = (gf * xf * inv_rms).sum(dim=batch_dims).to(weight.dtype)
         return grad_x.to(x.dtype), None, grad_w, None
 
@@ -390,7 +399,6 @@ def gim_attention(
     *,
     temperature: float = 2.0,
     divide_grads: bool = True,
-    exact_forward: bool = True,
 ) -> Tensor:
     r"""Scaled-dot-product attention with GIM's backward pass.
 
@@ -405,11 +413,9 @@ def gim_attention(
 
     With dropout (``dropout_p > 0``, training only) the attention is computed explicitly,
     so the forward value is that of the same dropout mask applied to the explicit
-    softmax. ``exact_forward`` is kept for compatibility; the forward is always SDPA's.
+    softmax.
     """
-    del exact_forward
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     qk = 0.25 if divide_grads else 1.0
     vf = 0.5 if divide_grads else 1.0
     if dropout_p == 0.0:

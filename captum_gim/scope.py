@@ -25,7 +25,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 from torch import nn
 
 from .config import GIMConfig
-from .registry import Handle, Match, Plan, RuleRegistry, default_registry
+from .registry import Handle, Match, Plan, RuleRegistry, combine_handles, default_registry
 
 __all__ = ["gim_backward", "GIMReport", "UnmatchedModulesError", "UnmatchedModulesWarning"]
 
@@ -177,7 +177,7 @@ def gim_backward(
                 handles.append(_install(match, config))
         yield report
     finally:
-        _remove_all(handles)
+        combine_handles(handles).remove()
 
 
 def _install(match: Match, config: GIMConfig) -> Handle:
@@ -188,15 +188,3 @@ def _install(match: Match, config: GIMConfig) -> Handle:
             f"got {type(handle).__name__}"
         )
     return handle
-
-
-def _remove_all(handles: List[Handle]) -> None:
-    first_error: Optional[BaseException] = None
-    for h in reversed(handles):
-        try:
-            h.remove()
-        except BaseException as e:  # undo everything, then report the first failure
-            if first_error is None:
-                first_error = e
-    if first_error is not None:
-        raise first_error

@@ -8,6 +8,7 @@ gradient is needed, and so never inside an attribution).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional, Tuple
 
@@ -57,8 +58,10 @@ def gim_multihead_attention_forward(
     r"""``nn.MultiheadAttention.forward`` (its non-fused path) with GIM's backward pass.
 
     The steps are those of ``F.multi_head_attention_forward``, in the same order, so the
-    forward output is identical; the attention softmax is explicit (TSG), and each of the
-    products ``QKᵀ`` and ``PV`` halves the gradient it passes to each operand.
+    forward output is identical. With ``need_weights`` the softmax is explicit (TSG) and
+    each of the products ``QKᵀ`` and ``PV`` halves the gradient it passes to each operand;
+    without, SDPA runs as before and :func:`~captum_gim.ops.gim_attention` supplies the
+    same backward pass.
     """
     T = config.temperature
     half = 0.5 if config.divide_grads else 1.0
@@ -98,13 +101,8 @@ def gim_multihead_attention_forward(
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
     tgt_len, bsz, embed_dim = query.shape
-    key_padding_mask = F._canonical_mask(
-        mask=key_padding_mask,
-        mask_name="key_padding_mask",
-        other_type=F._none_or_dtype(attn_mask),
-        other_name="attn_mask",
-        target_type=query.dtype,
-    )
+    # both masks are already float (canonical) here; F.multi_head_attention_forward
+    # canonicalises them a second time, which changes nothing
     if is_causal and attn_mask is None:
         raise RuntimeError(
             "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
@@ -112,17 +110,8 @@ def gim_multihead_attention_forward(
         )
     if is_causal and key_padding_mask is None and not need_weights:
         attn_mask = None
-    else:
-        attn_mask = F._canonical_mask(
-            mask=attn_mask,
-            mask_name="attn_mask",
-            other_type=None,
-            other_name="",
-            target_type=query.dtype,
-            check_other=False,
-        )
-        if key_padding_mask is not None:
-            is_causal = False
+    elif key_padding_mask is not None:
+        is_causal = False
     if embed_dim != m.embed_dim:
         raise AssertionError(f"was expecting embedding dimension of {m.embed_dim}, but got {embed_dim}")
     head_dim = embed_dim // num_heads
@@ -240,32 +229,7 @@ def gim_multihead_attention_forward(
 
 
 def _install_mha(module: nn.Module, config: GIMConfig) -> Handle:
-    m: nn.MultiheadAttention = module  # type: ignore[assignment]
-
-    def forward(
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        key_padding_mask: Optional[Tensor] = None,
-        need_weights: bool = True,
-        attn_mask: Optional[Tensor] = None,
-        average_attn_weights: bool = True,
-        is_causal: bool = False,
-    ) -> Tuple[Tensor, Optional[Tensor]]:
-        return gim_multihead_attention_forward(
-            m,
-            config,
-            query,
-            key,
-            value,
-            key_padding_mask=key_padding_mask,
-            need_weights=need_weights,
-            attn_mask=attn_mask,
-            average_attn_weights=average_attn_weights,
-            is_causal=is_causal,
-        )
-
-    return replace_forward(m, forward)
+    return replace_forward(module, functools.partial(gim_multihead_attention_forward, module, config))
 
 
 def _own_forward(base: type) -> Callable[[nn.Module], bool]:
