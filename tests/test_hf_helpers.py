@@ -1,8 +1,8 @@
 """Tiny Hugging Face models and textbook GIM references shared by ``tests/test_hf_*.py``.
 
 Every model is built from a config with seeded random weights (no hub). Weights are
-re-drawn with a larger spread than transformers' 0.02 initialisation so that attention is
-far from uniform and every GIM rule changes the result measurably.
+re-drawn with a larger spread than transformers' 0.02 initialisation so that every GIM rule
+changes the result measurably (``test_hf_reference`` checks this for each rule alone).
 
 The reference pieces here are written from the formulas in GIM_SPEC.md with plain
 autograd ("straight-through" expressions whose forward is the ordinary op and whose
@@ -58,6 +58,42 @@ def tb_layer_norm(x: Tensor, ln: nn.LayerNorm, freeze: bool) -> Tensor:
     return (x - mu) / std * ln.weight + ln.bias
 
 
+def tb_attention_heads(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    keep: Optional[Tensor],
+    T: float,
+    divide: bool,
+    scaling: float,
+    softcap: Optional[float] = None,
+    bias: Optional[Tensor] = None,
+    zero_empty_rows: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """q: (B, H, Lq, d); k, v: (B, Hkv, Lk, d); keep: bool, broadcastable to (B, H, Lq, Lk).
+
+    Masked scores are set to the dtype's lowest value (as HF masks do), so a fully masked
+    query row is uniform, or zero with ``zero_empty_rows`` (SDPA). Returns the per-head
+    output (B, H, Lq, d) and the probabilities (B, H, Lq, Lk).
+    """
+    if divide:
+        q, k, v = tb_scale(q, 0.25), tb_scale(k, 0.25), tb_scale(v, 0.5)
+    rep = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(rep, dim=1)
+    v = v.repeat_interleave(rep, dim=1)
+    s = q @ k.transpose(-1, -2) * scaling
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if bias is not None:
+        s = s + bias
+    if keep is not None:
+        s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+    p = tb_softmax(s, T)
+    if zero_empty_rows and keep is not None:
+        p = p * keep.any(-1, keepdim=True)
+    return p @ v, p
+
+
 def tb_attention(
     q: Tensor,
     k: Tensor,
@@ -68,17 +104,8 @@ def tb_attention(
     scaling: float,
     softcap: Optional[float] = None,
 ) -> Tensor:
-    """q: (B, H, L, d); k, v: (B, Hkv, L, d); keep: bool (L, L). Returns (B, L, H * d)."""
-    if divide:
-        q, k, v = tb_scale(q, 0.25), tb_scale(k, 0.25), tb_scale(v, 0.5)
-    rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1)
-    v = v.repeat_interleave(rep, dim=1)
-    s = q @ k.transpose(-1, -2) * scaling
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    s = s.masked_fill(~keep, float("-inf"))
-    o = tb_softmax(s, T) @ v
+    """As :func:`tb_attention_heads`, with the heads merged: returns (B, L, H * d)."""
+    o, _ = tb_attention_heads(q, k, v, keep, T, divide, scaling, softcap)
     b, h, L, d = o.shape
     return o.transpose(1, 2).reshape(b, L, h * d)
 
@@ -157,10 +184,19 @@ class Family:
         return forward
 
 
-def _lm(cls_name: str, config_name: str, impl: str, **kw: Any) -> nn.Module:
+def _build(cls_name: str, config_name: str, impl: str, **kw: Any) -> nn.Module:
     config = getattr(transformers, config_name)(attn_implementation=impl, **kw)
     torch.manual_seed(0)
     return randomize(getattr(transformers, cls_name)(config))
+
+
+def _builder(cls_name: str, config_name: str, **defaults: Any) -> Callable[..., nn.Module]:
+    """``build(impl="sdpa", **overrides)`` for one family."""
+
+    def build(impl: str = "sdpa", **kw: Any) -> nn.Module:
+        return _build(cls_name, config_name, impl, **{**defaults, **kw})
+
+    return build
 
 
 def _ids(batch: int = 2, seq: int = SEQ, seed: int = 1) -> Tensor:
@@ -170,99 +206,55 @@ def _ids(batch: int = 2, seq: int = SEQ, seed: int = 1) -> Tensor:
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2)
 _DECODER = dict(_COMMON, num_attention_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+_GQA = dict(_DECODER, num_key_value_heads=2)
+_ENCODER = dict(_COMMON, num_attention_heads=4, max_position_embeddings=64, num_labels=3)
+_GEMMA2 = dict(
+    _GQA,
+    head_dim=8,
+    query_pre_attn_scalar=8,
+    sliding_window=4,
+    attn_logit_softcapping=1.5,
+    final_logit_softcapping=5.0,
+    pad_token_id=0,
+)
 
-
-def build_llama(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    return _lm("LlamaForCausalLM", "LlamaConfig", impl, **{**_DECODER, "num_key_value_heads": 2, **kw})
-
-
-def build_mistral(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {**_DECODER, "num_key_value_heads": 2, "sliding_window": 4, "head_dim": 8, **kw}
-    return _lm("MistralForCausalLM", "MistralConfig", impl, **cfg)
-
-
-def build_qwen2(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    return _lm("Qwen2ForCausalLM", "Qwen2Config", impl, **{**_DECODER, "num_key_value_heads": 2, **kw})
-
-
-def build_qwen3(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {**_DECODER, "num_key_value_heads": 2, "head_dim": 8, **kw}
-    return _lm("Qwen3ForCausalLM", "Qwen3Config", impl, **cfg)
-
-
-def build_gemma(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {**_DECODER, "num_key_value_heads": 1, "head_dim": 8, "pad_token_id": 0, **kw}
-    return _lm("GemmaForCausalLM", "GemmaConfig", impl, **cfg)
+build_llama = _builder("LlamaForCausalLM", "LlamaConfig", **_GQA)
+build_mistral = _builder("MistralForCausalLM", "MistralConfig", **_GQA, sliding_window=4, head_dim=8)
+build_qwen2 = _builder("Qwen2ForCausalLM", "Qwen2Config", **_GQA)
+build_qwen3 = _builder("Qwen3ForCausalLM", "Qwen3Config", **_GQA, head_dim=8)
+build_gemma = _builder(
+    "GemmaForCausalLM", "GemmaConfig", **_DECODER, num_key_value_heads=1, head_dim=8, pad_token_id=0
+)
+build_phi3 = _builder(
+    "Phi3ForCausalLM", "Phi3Config", **_GQA, pad_token_id=0, bos_token_id=1, eos_token_id=2
+)
+build_gpt2 = _builder(
+    "GPT2LMHeadModel", "GPT2Config",
+    vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+)
+build_bert = _builder("BertForSequenceClassification", "BertConfig", **_ENCODER)
+build_roberta = _builder("RobertaForSequenceClassification", "RobertaConfig", **_ENCODER, pad_token_id=1)
+build_vit = _builder(
+    "ViTForImageClassification", "ViTConfig",
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+    image_size=8, patch_size=4, num_channels=3, num_labels=3,
+)
+build_mixtral = _builder(
+    "MixtralForCausalLM", "MixtralConfig", **_GQA, num_local_experts=4, num_experts_per_tok=2
+)
+build_qwen2_moe = _builder(
+    "Qwen2MoeForCausalLM", "Qwen2MoeConfig", **_GQA, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=24, shared_expert_intermediate_size=32,
+)
 
 
 def build_gemma2(impl: str = "eager", **kw: Any) -> nn.Module:
-    cfg = {
-        **_DECODER,
-        "num_key_value_heads": 2,
-        "head_dim": 8,
-        "query_pre_attn_scalar": 8,
-        "sliding_window": 4,
-        "attn_logit_softcapping": 1.5,
-        "final_logit_softcapping": 5.0,
-        "pad_token_id": 0,
-        **kw,
-    }
+    cfg = {**_GEMMA2, **kw}
     if impl == "sdpa":  # transformers refuses sdpa for Gemma2 (soft-capping); force it
-        model = _lm("Gemma2ForCausalLM", "Gemma2Config", "eager", **cfg)
+        model = _build("Gemma2ForCausalLM", "Gemma2Config", "eager", **cfg)
         model.config._attn_implementation_internal = "sdpa"
         return model
-    return _lm("Gemma2ForCausalLM", "Gemma2Config", impl, **cfg)
-
-
-def build_phi3(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {**_DECODER, "num_key_value_heads": 2, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, **kw}
-    return _lm("Phi3ForCausalLM", "Phi3Config", impl, **cfg)
-
-
-def build_gpt2(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {
-        **dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
-        **dict(bos_token_id=1, eos_token_id=2),
-        **kw,
-    }
-    return _lm("GPT2LMHeadModel", "GPT2Config", impl, **cfg)
-
-
-def build_bert(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {**_COMMON, "num_attention_heads": 4, "max_position_embeddings": 64, "num_labels": 3, **kw}
-    return _lm("BertForSequenceClassification", "BertConfig", impl, **cfg)
-
-
-def build_roberta(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {
-        **_COMMON, "num_attention_heads": 4, "max_position_embeddings": 64, "num_labels": 3,
-        "pad_token_id": 1, **kw,
-    }
-    return _lm("RobertaForSequenceClassification", "RobertaConfig", impl, **cfg)
-
-
-def build_vit(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {
-        **dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48),
-        **dict(image_size=8, patch_size=4, num_channels=3, num_labels=3),
-        **kw,
-    }
-    return _lm("ViTForImageClassification", "ViTConfig", impl, **cfg)
-
-
-def build_mixtral(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {
-        **_DECODER, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, **kw,
-    }
-    return _lm("MixtralForCausalLM", "MixtralConfig", impl, **cfg)
-
-
-def build_qwen2_moe(impl: str = "sdpa", **kw: Any) -> nn.Module:
-    cfg = {
-        **_DECODER, "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
-        "moe_intermediate_size": 24, "shared_expert_intermediate_size": 32, **kw,
-    }
-    return _lm("Qwen2MoeForCausalLM", "Qwen2MoeConfig", impl, **cfg)
+    return _build("Gemma2ForCausalLM", "Gemma2Config", impl, **cfg)
 
 
 BUILDERS: Dict[str, Callable[..., nn.Module]] = {

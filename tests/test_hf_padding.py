@@ -77,3 +77,4 @@ def test_encoder_rows_equal_rows_alone(name: str, impl: str, pad_id: int) -> Non
     short_alone = lg.attribute(SHORT[None], baselines=pad_id, target=2)
     torch.testing.assert_close(batch[0], long_alone[0], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(batch[1][: len(SHORT)], short_alone[0], atol=1e-5, rtol=1e-4)
+    assert short_alone.abs().max() > 1e-3

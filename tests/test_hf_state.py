@@ -151,6 +151,7 @@ def test_nested_scopes_innermost_wins_and_unwinds() -> None:
         with gim_backward(model, temperature=3.0):
             inner = _grad(model, e0)
         after_inner = _grad(model, e0)
+    assert not torch.equal(t2, t3)  # the temperatures are told apart
     assert torch.equal(inner, t3) and torch.equal(after_inner, t2)
     assert model.config._attn_implementation == "sdpa"
     assert_clean(model)

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Optional, Sequence, Union
 
@@ -32,7 +33,7 @@ TokenIds = Union[int, Sequence[int], Tensor]
 
 
 def default_baseline_token_id(model: nn.Module) -> int:
-    r"""The baseline token used when none is given: the pad token, else EOS, else 0."""
+    r"""The baseline token used when none is given: the pad token, else EOS, else BOS, else 0."""
     config = getattr(model, "config", None)
     for attr in ("pad_token_id", "eos_token_id", "bos_token_id"):
         value = getattr(config, attr, None)
@@ -170,7 +171,7 @@ def answer_token_attribution(
         input_ids = input_ids.unsqueeze(0)
         if attention_mask is not None and attention_mask.dim() == 1:
             attention_mask = attention_mask.unsqueeze(0)
-    if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
+    if input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input_ids must hold token ids (an integer tensor), got {input_ids.dtype}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(
@@ -189,17 +190,8 @@ def answer_token_attribution(
         position_ids = _auto_position_ids(model, attention_mask)
     base_id = default_baseline_token_id(model) if baseline_token_id is None else baseline_token_id
     last = _last_positions(input_ids, attention_mask)
-
-    def forward(
-        ids: Tensor,
-        mask: Optional[Tensor],
-        pos: Optional[Tensor],
-        last_pos: Tensor,
-    ) -> Tensor:
-        return last_token_logits(model, ids, mask, pos, last_pos)
-
     method = LayerGIM(
-        forward,
+        functools.partial(last_token_logits, model),
         get_emb(),
         model=model,
         temperature=temperature,

@@ -101,7 +101,7 @@ GIM_ATTENTION_PREFIX = "captum_gim_"
 SUPPORTED_ATTENTION_IMPLEMENTATIONS: Tuple[str, ...] = ("eager", "sdpa")
 
 _HALF = (torch.float16, torch.bfloat16)
-#: Transient memory (bytes) the explicit attention backward may use per chunk of heads.
+#: Transient memory (bytes) the explicit attention backward aims at per chunk of heads.
 _BACKWARD_CHUNK_BYTES = 16 * 2**20
 
 
@@ -127,8 +127,10 @@ _FLASH = (
 )
 _FLEX = "unsupported: flex_attention's BlockMask is not materialised; use 'sdpa' or 'eager'"
 
-#: family -> attention implementation -> dtype -> status. "supported" entries are covered
-#: by tests on tiny random models (``tests/test_hf_*.py``); anything else says why not.
+#: family -> attention implementation -> dtype -> status; anything not "supported" says
+#: why not. Tests on tiny random models cover every "supported" float32 entry
+#: (``tests/test_hf_families.py``) but only some half-precision ones: those of
+#: ``tests/test_hf_dtypes.py`` (mostly sdpa; eager for Llama and Gemma2).
 SUPPORT_MATRIX: Dict[str, Dict[str, Dict[str, str]]] = {
     "llama": _row(eager=_OK, sdpa=_OK, flash_attention_2=_FLASH, flex_attention=_FLEX),
     "mistral": _row(eager=_OK, sdpa=_OK, flash_attention_2=_FLASH, flex_attention=_FLEX),
@@ -297,6 +299,11 @@ class _AttentionScope:
     divide_grads: bool
     checked: Set[type] = field(default_factory=set)
 
+    @property
+    def factors(self) -> Tuple[float, float, float]:
+        """What the gradients reaching q, k and v are multiplied by."""
+        return (0.25, 0.25, 0.5) if self.divide_grads else (1.0, 1.0, 1.0)
+
 
 _state_lock = threading.RLock()
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, List[_AttentionScope]]" = weakref.WeakKeyDictionary()
@@ -320,6 +327,13 @@ def _eager_function(module: nn.Module) -> Optional[Callable[..., Any]]:
     return fn
 
 
+def _uses_upcast_reordered(module: nn.Module) -> bool:
+    """GPT-2's special eager path (behind a string comparison on the config)."""
+    return bool(getattr(module, "reorder_and_upcast_attn", False)) and hasattr(
+        module, "_upcast_and_reordered_attn"
+    )
+
+
 def _upcast_reordered(module: nn.Module, query, key, value, attention_mask, **kwargs):
     return module._upcast_and_reordered_attn(query, key, value, attention_mask)
 
@@ -327,10 +341,7 @@ def _upcast_reordered(module: nn.Module, query, key, value, attention_mask, **kw
 def _original_attention(module: nn.Module, impl: str) -> Callable[..., Any]:
     """The function the model would call for ``impl`` had we not switched it."""
     if impl == "eager":
-        # GPT-2 keeps a special eager path behind a string comparison on the config
-        if getattr(module, "reorder_and_upcast_attn", False) and hasattr(
-            module, "_upcast_and_reordered_attn"
-        ):
+        if _uses_upcast_reordered(module):
             return _upcast_reordered
         fn = _eager_function(module)
         if fn is None:
@@ -358,19 +369,13 @@ class _Semantics:
     zero_empty_rows: bool  # SDPA: a query with no key to attend to outputs zeros
 
 
-_CAUSAL_CACHE: Dict[Tuple[int, int, str], Tensor] = {}
-
-
 def _causal_keep(q_len: int, k_len: int, device: torch.device) -> Tensor:
-    # top-left aligned, as scaled_dot_product_attention(is_causal=True)
-    key = (q_len, k_len, str(device))
-    keep = _CAUSAL_CACHE.get(key)
-    if keep is None:
-        keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril().view(1, 1, q_len, k_len)
-        if len(_CAUSAL_CACHE) > 16:
-            _CAUSAL_CACHE.clear()
-        _CAUSAL_CACHE[key] = keep
-    return keep
+    """Boolean keep-mask of ``scaled_dot_product_attention(is_causal=True)`` (top-left).
+
+    Not :func:`captum_gim.ops.attention_scores_mask`: that builds an additive float mask,
+    and the backward here needs a boolean one to skip the key blocks no query may attend.
+    """
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril().view(1, 1, q_len, k_len)
 
 
 def _prepare(
@@ -397,35 +402,28 @@ def _prepare(
     dropout = float(kwargs.get("dropout", 0.0) or 0.0)
     bias: Optional[Tensor] = None
     keep: Optional[Tensor] = None
+    if attention_mask is not None:
+        # older transformers pass masks longer than the keys and slice them like this
+        attention_mask = attention_mask[..., : key.shape[-2]]
+        if attention_mask.dtype == torch.bool:
+            keep = attention_mask
+        else:
+            bias = attention_mask
     if impl == "eager":
-        if getattr(module, "reorder_and_upcast_attn", False) and hasattr(
-            module, "_upcast_and_reordered_attn"
-        ):
+        if _uses_upcast_reordered(module):  # ignores the kwargs: read the module
             scaling = float(module.scaling)
             dropout = float(module.attn_dropout.p)
         if not module.training:
             dropout = 0.0
-        softcap = kwargs.get("softcap")
-        if attention_mask is not None:
-            if attention_mask.dtype == torch.bool:
-                keep = attention_mask
-            else:
-                bias = attention_mask
-        return bias, keep, _Semantics(float(scaling), softcap, dropout, False)
+        return bias, keep, _Semantics(float(scaling), kwargs.get("softcap"), dropout, False)
     # sdpa, as transformers.integrations.sdpa_attention.sdpa_attention_forward
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("soft-capping under sdpa (transformers raises too)")
     q_len, k_len = query.shape[-2], key.shape[-2]
     is_causal = kwargs.get("is_causal")
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
-    if is_causal:
+    if q_len > 1 and attention_mask is None and is_causal:
         keep = _causal_keep(q_len, k_len, query.device)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            keep = attention_mask
-        else:
-            bias = attention_mask
     position_bias = kwargs.get("position_bias")
     if position_bias is not None:
         bias = position_bias if bias is None else bias + position_bias
@@ -450,17 +448,21 @@ def _masked_scores(
     keep: Optional[Tensor],
     softcap: Optional[float],
 ) -> Tuple[Tensor, Optional[Tensor]]:
-    """Scores as they enter the softmax; also tanh(a / softcap) when soft-capping."""
+    """Scores as they enter the softmax; also ``tanh(a / softcap)`` when soft-capping.
+
+    ``a`` (the scaled ``q @ kᵀ``, a fresh tensor of the caller's) may be overwritten: the
+    mask is applied in place, to ``a`` or to the product or sum made here, none of which
+    autograd saves for its backward (``tanh`` saves ``u``, which is left alone).
+    """
     u = None
     z = a
     if softcap is not None:
         u = torch.tanh(a / softcap)
         z = u * softcap
     if bias is not None:
-        b = bias.to(z.dtype)
-        z = z + b[..., : z.shape[-1]] if b.shape[-1] != z.shape[-1] else z + b
+        z = z + bias.to(z.dtype)
     if keep is not None:
-        z = z.masked_fill(~keep, torch.finfo(z.dtype).min)
+        z.masked_fill_(~keep, torch.finfo(z.dtype).min)
     return z, u
 
 
@@ -506,12 +508,19 @@ def _gim_attention_grads(
     gradients of q, k and v (the division of multiplicative interactions).
 
     The work is split into chunks of heads and blocks of query rows so that the transient
-    ``(B, H, rows, Lk)`` tensors stay within ``_BACKWARD_CHUNK_BYTES``; with a boolean
-    keep-mask (SDPA semantics), each block only visits the key columns some of its rows
-    may attend (causal and sliding-window masks skip most of the masked area, as fused
-    kernels do). When ``out`` is given, also returns the largest difference between
-    ``P @ V`` recomputed here and ``out`` (a check that the explicit attention reproduces
-    the original).
+    ``(B, H, rows, Lk)`` tensors take about ``_BACKWARD_CHUNK_BYTES`` (counted as six such
+    tensors; a chunk holds at least one group of heads sharing a key head and, with a
+    keep-mask, always ``min(Lq, 128)`` rows, so it can exceed that). With a boolean keep-mask
+    (SDPA semantics), each block only visits the key columns some of its rows may attend
+    (causal and sliding-window masks skip most of the masked area, as fused kernels do).
+
+    When ``out`` is given, also returns the largest difference between ``P @ V``
+    recomputed here and ``out`` (a check that the explicit attention reproduces the
+    original).
+
+    :func:`captum_gim.ops.gim_attention`'s backward computes the same formulas for SDPA's
+    arguments; this one adds what HF attention needs (soft-capping, bias gradients,
+    gradients into returned weights, eager/SDPA row semantics) and the chunking.
     """
     bsz, hq, q_len, _ = query.shape
     hkv, k_len = key.shape[1], key.shape[2]
@@ -519,7 +528,6 @@ def _gim_attention_grads(
     rep = hq // hkv
     work = torch.float32 if query.dtype in _HALF else query.dtype
     nbytes = torch.finfo(work).bits // 8
-    lowest = torch.finfo(work).min
     restrict = sem.zero_empty_rows and keep is not None and q_len > 1
     block = min(q_len, 128) if restrict else q_len
     step = max(1, _BACKWARD_CHUNK_BYTES // max(1, bsz * rep * block * k_len * nbytes * 6))
@@ -566,17 +574,12 @@ def _gim_attention_grads(
                 continue
             qb = qs[:, :, i0:i1]
             kb, vb = kr[:, :, c0:c1], vr[:, :, c0:c1]
-            z = torch.matmul(qb * sem.scaling, kb.transpose(-1, -2))
-            u = None
-            if sem.softcap is not None:
-                u = torch.tanh(z / sem.softcap)
-                z = u * sem.softcap
-            b = _slice4(bias, (h0, h1), (i0, i1), (c0, c1))
-            if b is not None:
-                z = z + b.to(work)
-            if keep_b is not None:
-                masked_out = ~_slice4(keep_b, (0, h1 - h0), (0, i1 - i0), (c0, c1))
-                z.masked_fill_(masked_out, lowest)  # z is always a fresh tensor of ours here
+            z, u = _masked_scores(
+                torch.matmul(qb * sem.scaling, kb.transpose(-1, -2)),
+                _slice4(bias, (h0, h1), (i0, i1), (c0, c1)),
+                _slice4(keep_b, (0, h1 - h0), (0, i1 - i0), (c0, c1)),
+                sem.softcap,
+            )
             probs = torch.softmax(z, dim=-1)
             probs_t = probs if temperature == 1.0 else torch.softmax(z.div_(temperature), dim=-1)
             del z
@@ -659,29 +662,20 @@ class _GIMAttentionGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Optional[Tensor], grad_weights: Optional[Tensor] = None):  # type: ignore[override]
         query, key, value, bias, keep, out = ctx.saved_tensors
-        nones = (None,) * 5
         if grad_out is None and grad_weights is None:
-            return (None, None, None, None, None) + nones
+            return (None,) * 10
         scope: _AttentionScope = ctx.scope
         need_bias = bias is not None and ctx.needs_input_grad[5]
-        factors = (0.25, 0.25, 0.5) if scope.divide_grads else (1.0, 1.0, 1.0)
         gq, gk, gv, g_bias, diff = _gim_attention_grads(
             query, key, value, bias, keep, grad_out, grad_weights, ctx.sem,
-            scope.temperature, factors, need_bias, out,
+            scope.temperature, scope.factors, need_bias, out,
         )
         if diff is not None:
             _report_mismatch(ctx.check_cls, out, diff)
+        g_bias = g_bias.to(bias.dtype) if g_bias is not None else None
         return (
-            None,
-            None,
-            gq.to(query.dtype),
-            gk.to(key.dtype),
-            gv.to(value.dtype),
-            g_bias.to(bias.dtype) if g_bias is not None else None,
-            None,
-            None,
-            None,
-            None,
+            None, None, gq.to(query.dtype), gk.to(key.dtype), gv.to(value.dtype), g_bias,
+            None, None, None, None,
         )
 
 
@@ -708,12 +702,15 @@ def _explicit_attention(
     sem: _Semantics,
     scope: _AttentionScope,
 ) -> Tuple[Tensor, Tensor]:
-    r"""The same attention with ordinary autograd ops (used with dropout, and by tests).
+    r"""The same attention with ordinary autograd ops (used with dropout and odd layouts).
 
-    Returns ``(output (B, Lq, H, Dv) in value's dtype, probabilities)``.
+    Returns ``(output (B, Lq, H, Dv) in value's dtype, probabilities)``. Not
+    :func:`captum_gim.ops.gim_attention`: that one has SDPA's argument semantics only, and
+    HF attention also needs soft-capping, a boolean mask together with an additive bias,
+    and eager's uniform (not zero) fully masked rows.
     """
-    if scope.divide_grads:
-        query, key, value = scale_grad(query, 0.25), scale_grad(key, 0.25), scale_grad(value, 0.5)
+    fq, fk, fv = scope.factors
+    query, key, value = scale_grad(query, fq), scale_grad(key, fk), scale_grad(value, fv)
     work = torch.float32 if query.dtype in _HALF else query.dtype
     rep = query.shape[1] // key.shape[1]
     kr = _repeat_heads(key.to(work), rep)
@@ -794,16 +791,13 @@ def _make_attention_function(impl: str) -> Callable[..., Any]:
             if type(module) not in scope.checked:
                 scope.checked.add(type(module))
                 check_cls = type(module)
-        if not isinstance(weights, Tensor) or weights.shape != (
-            expected[0], expected[2], expected[1], key.shape[2]
-        ):
-            res = _GIMAttentionGrad.apply(
-                out, None, query, key, value, bias, keep, sem, scope, check_cls
-            )
-            return res, weights
-        return _GIMAttentionGrad.apply(
-            out, weights, query, key, value, bias, keep, sem, scope, check_cls
+        # weights GIM can give a gradient path to (sdpa returns None)
+        w_shape = (expected[0], expected[2], expected[1], key.shape[2])
+        usable = isinstance(weights, Tensor) and weights.shape == w_shape
+        res = _GIMAttentionGrad.apply(
+            out, weights if usable else None, query, key, value, bias, keep, sem, scope, check_cls
         )
+        return res if usable else (res, weights)
 
     gim_attention_forward.__name__ = f"{GIM_ATTENTION_PREFIX}{impl}_attention_forward"
     gim_attention_forward.__qualname__ = gim_attention_forward.__name__
@@ -840,10 +834,6 @@ _register_interfaces()
 # ---------------------------------------------------------------------------------------
 
 
-def _get_impl(config: Any) -> Optional[str]:
-    return getattr(config, "_attn_implementation", None)
-
-
 def _set_impl(config: Any, value: Optional[str]) -> None:
     # the internal attribute: the public setter would also rewrite the sub-configs
     if isinstance(getattr(type(config), "_attn_implementation", None), property):
@@ -868,7 +858,7 @@ def _model_configs(model: nn.Module) -> List[Any]:
     return list(seen.values())
 
 
-def _switch_attention(model: nn.Module, config: GIMConfig) -> Handle:
+def _switch_attention(model: nn.Module, configs: List[Any], config: GIMConfig) -> Handle:
     scope = _AttentionScope(config.temperature, config.divide_grads)
     modules = list(model.modules())
     switched: List[Tuple[Any, Optional[str]]] = []
@@ -892,8 +882,8 @@ def _switch_attention(model: nn.Module, config: GIMConfig) -> Handle:
 
     try:
         if AttentionMaskInterface is not None:
-            for cfg in _model_configs(model):
-                impl = _get_impl(cfg)
+            for cfg in configs:
+                impl = cfg._attn_implementation  # _model_configs keeps configs that have one
                 if impl in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
                     switched.append((cfg, impl))
                     _set_impl(cfg, GIM_ATTENTION_PREFIX + impl)
@@ -903,9 +893,9 @@ def _switch_attention(model: nn.Module, config: GIMConfig) -> Handle:
     return Handle(undo)
 
 
-def _disable_cache(model: nn.Module) -> Handle:
+def _disable_cache(configs: List[Any]) -> Handle:
     saved: List[Tuple[Any, Any]] = []
-    for cfg in _model_configs(model):
+    for cfg in configs:
         if "use_cache" in getattr(cfg, "__dict__", {}):
             saved.append((cfg, cfg.__dict__["use_cache"]))
             cfg.use_cache = False
@@ -918,12 +908,13 @@ def _disable_cache(model: nn.Module) -> Handle:
 
 
 def _install_model(module: nn.Module, config: GIMConfig) -> Handle:
+    configs = _model_configs(module)
     handles: List[Handle] = []
     try:
         # a nested scope with plain attention must still override an outer scope's
         if config.uses_tsg or config.divide_grads or _active_scope(module) is not None:
-            handles.append(_switch_attention(module, config))
-        handles.append(_disable_cache(module))
+            handles.append(_switch_attention(module, configs, config))
+        handles.append(_disable_cache(configs))
     except BaseException:
         combine_handles(handles).remove()
         raise
