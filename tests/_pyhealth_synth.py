@@ -1,7 +1,8 @@
 """Synthetic PyHealth cohorts and tiny trained models for the ``test_pyhealth*`` tests.
 
 Only imported by test modules that already called ``pytest.importorskip("pyhealth")``.
-Every patient is synthetic; nothing is downloaded.
+Every patient is synthetic; nothing is downloaded. The module-scoped fixtures at the end
+(``single_thread``, ``ehr``, ``ehr_flat``, ``sn``) are shared by importing them.
 
 The label is decided by one planted code: a patient is positive exactly when ``PLANT``
 is among their codes. Lab values are noise (with genuine zeros in them) so that the
@@ -13,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import random
 from datetime import datetime, timedelta
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
+import pytest
 import torch
 
 from pyhealth.datasets import create_sample_dataset, get_dataloader
@@ -26,8 +28,9 @@ N_LABS = 3
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~10-40x faster
-    than two threads competing with other processes (OpenMP spin-waits)."""
+    """One intra-op thread: the models are tiny, and two threads competing with other
+    processes mostly spin-wait (the tutorial's training loop on a loaded 2-core machine:
+    1.7 s on one thread, 14 s on two)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -46,6 +49,17 @@ def _labs(rng: random.Random, steps: int) -> List[List[float]]:
     return rows
 
 
+def _planted_codes(rng: random.Random, i: int, max_codes: int) -> Tuple[List[str], int]:
+    """3 to ``max_codes`` distinct codes; every other patient (even ``i``) is positive and
+    has one of them replaced by ``PLANT``."""
+    k = rng.randint(3, max_codes)
+    codes = rng.sample(CODES, k)
+    y = int(i % 2 == 0)
+    if y:
+        codes[rng.randrange(k)] = PLANT
+    return codes, y
+
+
 def ehr_samples(n: int = 240, seed: int = 0, labs: str = "timeseries") -> List[Dict[str, Any]]:
     """Samples for ``{"codes": "sequence", "labs": labs}`` models.
 
@@ -55,11 +69,7 @@ def ehr_samples(n: int = 240, seed: int = 0, labs: str = "timeseries") -> List[D
     t0 = datetime(2024, 1, 1)
     samples = []
     for i in range(n):
-        k = rng.randint(3, 10)
-        codes = rng.sample(CODES, k)
-        y = int(i % 2 == 0)
-        if y:
-            codes[rng.randrange(k)] = PLANT
+        codes, y = _planted_codes(rng, i, max_codes=10)
         steps = rng.randint(2, 6)
         stamps = [t0 + timedelta(hours=h) for h in range(steps)]
         samples.append(
@@ -79,11 +89,8 @@ def stagenet_samples(n: int = 160, seed: int = 1) -> List[Dict[str, Any]]:
     rng = random.Random(seed)
     samples = []
     for i in range(n):
-        k = rng.randint(3, 8)
-        codes = rng.sample(CODES, k)
-        y = int(i % 2 == 0)
-        if y:
-            codes[rng.randrange(k)] = PLANT
+        codes, y = _planted_codes(rng, i, max_codes=8)
+        k = len(codes)
         times = [0.0] + [round(rng.uniform(0.5, 3.0), 2) for _ in range(k - 1)]
         steps = rng.randint(2, 5)
         lab_times = [0.0] + [1.0] * (steps - 1)
@@ -207,3 +214,30 @@ def by_hand_grad_x_input(
     logits = model.forward_from_embedding(**kw)["logit"]
     g_e, g_x = torch.autograd.grad(logits[:, target].sum(), (e, x))
     return {"codes": (g_e * e).sum(-1).detach(), "labs": (g_x * x).detach()}
+
+
+# --- module-scoped fixtures, shared by ``from _pyhealth_synth import ...`` -----------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ehr():
+    """The timeseries cohort (Transformer): ``(dataset, samples by patient id)``."""
+    return ehr_dataset(), samples_by_id(ehr_samples())
+
+
+@pytest.fixture(scope="module")
+def ehr_flat():
+    """One row of labs per patient (MLP): ``(dataset, samples by patient id)``."""
+    return ehr_dataset(labs="tensor"), samples_by_id(ehr_samples(labs="tensor"))
+
+
+@pytest.fixture(scope="module")
+def sn():
+    """The StageNet cohort: ``(dataset, samples by patient id)``."""
+    return stagenet_dataset(), samples_by_id(stagenet_samples())

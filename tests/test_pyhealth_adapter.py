@@ -26,16 +26,15 @@ from pyhealth.models import MLP, RNN, StageAttentionNet, StageNet, Transformer  
 from captum_gim import GIMAttribution, gim_backward  # noqa: E402
 from captum_gim.pyhealth import PyHealthAdapter, PyHealthGIM  # noqa: E402
 
-from _pyhealth_synth import (  # noqa: E402
+from _pyhealth_synth import (  # noqa: E402, F401  (ehr, ehr_flat, sn, single_thread: fixtures)
     by_hand_grad_x_input,
+    ehr,
     ehr_dataset,
-    ehr_samples,
+    ehr_flat,
     first_batch,
     length_mask,
-    one_thread,
-    samples_by_id,
-    stagenet_dataset,
-    stagenet_samples,
+    single_thread,
+    sn,
     train,
     true_lengths,
 )
@@ -44,27 +43,6 @@ from conftest import assert_model_clean  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:Feature .* does not have mask information")
 
 RULES_OFF = dict(temperature=1.0, freeze_norms=False, divide_grads=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def ehr():
-    return ehr_dataset(), samples_by_id(ehr_samples())
-
-
-@pytest.fixture(scope="module")
-def ehr_flat():
-    return ehr_dataset(labs="tensor"), samples_by_id(ehr_samples(labs="tensor"))
-
-
-@pytest.fixture(scope="module")
-def sn():
-    return stagenet_dataset(), samples_by_id(stagenet_samples())
 
 
 @pytest.fixture(scope="module")
@@ -193,9 +171,13 @@ def test_user_masks_override(models, ehr):
     ds, _ = ehr
     batch = first_batch(ds, 4)
     adapter = PyHealthAdapter(model)
+    assert not bool(adapter.prepare(batch).masks["labs"].all())  # the derived mask pads
     full = torch.ones(batch["labs"].shape[:2], dtype=torch.bool)
     prepared = adapter.prepare(batch, masks={"labs": full})
-    assert prepared.masks["labs"] is not None and bool(prepared.masks["labs"].all())
+    assert torch.equal(prepared.masks["labs"], full)
+    # and it is the mask the model gets
+    passed = prepared.additional_forward_args[adapter.additional_arg_names.index(("labs", "mask"))]
+    assert torch.equal(passed, full)
 
 
 # --- batching ------------------------------------------------------------------------
@@ -254,6 +236,7 @@ def test_captum_methods_run_through_the_adapter(name, with_gim, models, data):
         assert out["codes"].shape == codes.shape, label
         assert out["labs"].shape == labs.shape, label
         assert all(torch.isfinite(v).all() for v in out.values()), label
+        assert all(v.abs().sum() > 0 for v in out.values()), label
     assert_model_clean(model)
 
 
@@ -274,6 +257,7 @@ def test_integrated_gradients_completeness(models, ehr_flat):
     total = sum(a.reshape(a.shape[0], -1).sum(1) for a in attr)
     with torch.no_grad():
         base = adapter(*prepared.baselines, *prepared.additional_forward_args)[:, 0]
+    assert (prepared.logits[:, 0] - base).abs().min() > 1.0  # far above the tolerances
     torch.testing.assert_close(total, prepared.logits[:, 0] - base, rtol=1e-2, atol=2e-2)
     assert delta.abs().max() < 2e-2  # ReLU kinks: measured 7e-3 with 64 steps
 

@@ -40,14 +40,12 @@ from pyhealth.interpret.methods.base_interpreter import BaseInterpreter
 from ..attr.gim import GIMAttribution
 from ..rules.pyhealth import pyhealth_compatible_registry
 from ..scope import GIMReport
-from ..viz import plot_timeseries_attributions
 
 __all__ = [
     "PyHealthAdapter",
     "PyHealthGIM",
     "PyHealthInputs",
     "MASK_MODES",
-    "plot_timeseries_attributions",
 ]
 
 #: How masks are derived for features whose processor schema has no ``"mask"`` field.
@@ -66,8 +64,18 @@ class _FeatureSpec:
     schema: Tuple[str, ...]
     is_token: bool
     pad_id: int
-    append_mask: bool
-    extra_fields: Tuple[str, ...]
+
+    @property
+    def append_mask(self) -> bool:
+        """No ``"mask"`` in the schema: the adapter derives one and appends it."""
+        return "mask" not in self.schema
+
+    @property
+    def extra_fields(self) -> Tuple[str, ...]:
+        """This feature's entries of ``additional_forward_args``: the schema's other
+        fields, then the appended mask."""
+        rest = tuple(f for f in self.schema if f != "value")
+        return rest + ("mask",) if self.append_mask else rest
 
 
 @dataclass
@@ -258,9 +266,7 @@ class PyHealthAdapter(nn.Module):
         is_token = _is_token(proc, key)
         vocab = getattr(proc, "code_vocab", None)
         pad_id = int(vocab.get("<pad>", 0)) if isinstance(vocab, Mapping) else 0
-        append_mask = "mask" not in schema
-        extras = tuple(f for f in schema if f != "value") + (("mask",) if append_mask else ())
-        return _FeatureSpec(key, schema, is_token, pad_id, append_mask, extras)
+        return _FeatureSpec(key, schema, is_token, pad_id)
 
     @property
     def feature_keys(self) -> Tuple[str, ...]:
@@ -761,18 +767,11 @@ class PyHealthGIM(BaseInterpreter):
             dict of str to Tensor: ``{feature_key: attributions}``, each shaped like the
             raw input values (token features: one score per code).
         """
-        with self.adapter.eval_mode():
-            prepared = self.adapter.prepare(
-                kwargs, target_class_idx=target_class_idx, baselines=baselines
-            )
-            attributions = self.gim.attribute(
-                prepared.inputs,
-                baselines=prepared.baselines,
-                target=prepared.target,
-                additional_forward_args=prepared.additional_forward_args,
-            )
+        attributions = self.adapter.attribute(
+            self.gim, kwargs, target_class_idx=target_class_idx, baselines=baselines
+        )
         self.last_report = self.gim.last_report
-        return self.adapter.to_feature_dict(attributions)
+        return attributions
 
     def __repr__(self) -> str:
         mode = ", pyhealth_compatible=True" if self.pyhealth_compatible else ""

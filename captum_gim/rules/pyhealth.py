@@ -33,6 +33,7 @@ PyHealth 2.1's own ``pyhealth.interpret.methods.GIM`` backward pass (used by
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from typing import Callable, Optional, Tuple
@@ -64,27 +65,21 @@ def _loaded_class(module_name: str, class_name: str) -> Optional[type]:
     return cls if isinstance(cls, type) else None
 
 
-def _is_instance_with_own_forward(module_name: str, class_name: str) -> Callable[[nn.Module], bool]:
-    """Predicate: ``module`` is an instance of that PyHealth class (by identity) whose
-    ``forward`` is the class's own (a subclass that overrides ``forward`` does not match)."""
+def _is_instance(
+    module_name: str, class_name: str, *, own_forward: bool = False
+) -> Callable[[nn.Module], bool]:
+    """Predicate: ``module`` is an instance of that PyHealth class (by identity); with
+    ``own_forward``, only if its ``forward`` is the class's own (a subclass that overrides
+    ``forward`` does not match)."""
 
     def predicate(module: nn.Module) -> bool:
         cls = _loaded_class(module_name, class_name)
         if cls is None or not isinstance(module, cls):
             return False
-        return getattr(type(module), "forward", None) is getattr(cls, "forward", None)
+        return not own_forward or getattr(type(module), "forward", None) is cls.forward
 
     predicate.__name__ = f"is_{class_name}"
     predicate.__qualname__ = f"{module_name}.{class_name} (by identity)"
-    return predicate
-
-
-def _is_instance(module_name: str, class_name: str) -> Callable[[nn.Module], bool]:
-    def predicate(module: nn.Module) -> bool:
-        cls = _loaded_class(module_name, class_name)
-        return cls is not None and isinstance(module, cls)
-
-    predicate.__name__ = f"is_{class_name}"
     return predicate
 
 
@@ -135,17 +130,19 @@ def gim_pyhealth_attention_forward(
     return torch.matmul(p_attn, value), p_attn
 
 
-def _install_attention(module: nn.Module, config: GIMConfig) -> Handle:
-    def forward(
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        mask: Optional[Tensor] = None,
-        dropout: Optional[nn.Module] = None,
-    ) -> Tuple[Tensor, Tensor]:
-        return gim_pyhealth_attention_forward(module, config, query, key, value, mask, dropout)
+def _attention_installer(
+    attend: Callable[..., Tuple[Tensor, Tensor]],
+) -> Callable[[nn.Module, GIMConfig], Handle]:
+    """An install function that makes an ``Attention`` instance call
+    ``attend(module, config, query, key, value, mask=None, dropout=None)``."""
 
-    return replace_forward(module, forward)
+    def install(module: nn.Module, config: GIMConfig) -> Handle:
+        return replace_forward(module, functools.partial(attend, module, config))
+
+    return install
+
+
+_install_attention = _attention_installer(gim_pyhealth_attention_forward)
 
 
 def _no_install(module: nn.Module, config: GIMConfig) -> Handle:  # pragma: no cover
@@ -158,7 +155,7 @@ attention_rule = Rule(
     "pyhealth.Attention",
     _install_attention,
     kind="attention",
-    predicate=_is_instance_with_own_forward(_TRANSFORMER, "Attention"),
+    predicate=_is_instance(_TRANSFORMER, "Attention", own_forward=True),
     exclusive=True,
 )
 
@@ -194,6 +191,11 @@ RULES: Tuple[Rule, ...] = (attention_rule, stagenet_passthrough_rule)
 # --------------------------------------------------------------------------------------
 
 
+# These copy PyHealth's autograd functions op for op, so that pyhealth_compatible=True is
+# bit-for-bit PyHealth's output; captum_gim.ops would round differently (F.layer_norm
+# forward, native softmax backward at T=1, half-precision upcasts, per-operand scaling).
+
+
 class _PyHealthMatMulNorm(torch.autograd.Function):
     """``a @ b``; each operand gets half of the gradient (PyHealth's ``_MatMulNorm``)."""
 
@@ -216,14 +218,14 @@ class _PyHealthTSG(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: Tensor, dim: int, temperature: float) -> Tensor:  # type: ignore[override]
         ctx.dim = dim
-        ctx.temperature = float(temperature)
+        ctx.temperature = max(float(temperature), 1.0)
         ctx.save_for_backward(z)
         return torch.softmax(z, dim=dim)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
         (z,) = ctx.saved_tensors
-        t = max(ctx.temperature, 1.0)
+        t = ctx.temperature
         s = torch.softmax(z, dim=ctx.dim) if t == 1.0 else torch.softmax(z / t, dim=ctx.dim)
         dot = (grad_output * s).sum(dim=ctx.dim, keepdim=True)
         return s * (grad_output - dot), None, None
@@ -246,21 +248,18 @@ class _PyHealthFrozenLayerNorm(torch.autograd.Function):
         dims = tuple(range(-len(normalized_shape), 0))
         mean = x.mean(dim=dims, keepdim=True)
         var = x.var(dim=dims, unbiased=False, keepdim=True)
-        x_hat = (x - mean) / torch.sqrt(var + eps)
-        out = x_hat
+        std = torch.sqrt(var + eps)
+        out = (x - mean) / std
         if weight is not None:
             out = out * weight
         if bias is not None:
             out = out + bias
-        inv_std = 1.0 / torch.sqrt(var + eps)
-        ctx.save_for_backward(x_hat, weight, inv_std)
-        ctx.has_bias = bias is not None
-        ctx.n_norm = len(normalized_shape)
+        ctx.save_for_backward(weight, 1.0 / std)
         return out
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):  # type: ignore[override]
-        x_hat, weight, inv_std = ctx.saved_tensors
+        weight, inv_std = ctx.saved_tensors
         if weight is not None:
             grad_x = grad_output * weight * inv_std
         else:
@@ -270,28 +269,29 @@ class _PyHealthFrozenLayerNorm(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-def _install_pyhealth_attention(module: nn.Module, config: GIMConfig) -> Handle:
-    temperature = max(float(config.temperature), 1.0)
+def _pyhealth_attention_forward(
+    module: nn.Module,
+    config: GIMConfig,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    mask: Optional[Tensor] = None,
+    dropout: Optional[nn.Module] = None,
+) -> Tuple[Tensor, Tensor]:
+    """PyHealth 2.1's ``_AttentionGIM.forward`` (softmax over the last dimension, as there)."""
+    qk = _PyHealthMatMulNorm.apply(query, key.transpose(-2, -1))
+    scores = qk / math.sqrt(query.size(-1))
+    if mask is not None:
+        scores = scores.masked_fill(mask == 0, -1e9)
+    p_attn = _PyHealthTSG.apply(scores, -1, config.temperature)
+    if mask is not None:
+        p_attn = p_attn.masked_fill(mask == 0, 0)
+    if dropout is not None:
+        p_attn = dropout(p_attn)
+    return _PyHealthMatMulNorm.apply(p_attn, value), p_attn
 
-    def forward(
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        mask: Optional[Tensor] = None,
-        dropout: Optional[nn.Module] = None,
-    ) -> Tuple[Tensor, Tensor]:
-        qk = _PyHealthMatMulNorm.apply(query, key.transpose(-2, -1))
-        scores = qk / math.sqrt(query.size(-1))
-        if mask is not None:
-            scores = scores.masked_fill(mask == 0, -1e9)
-        p_attn = _PyHealthTSG.apply(scores, -1, temperature)
-        if mask is not None:
-            p_attn = p_attn.masked_fill(mask == 0, 0)
-        if dropout is not None:
-            p_attn = dropout(p_attn)
-        return _PyHealthMatMulNorm.apply(p_attn, value), p_attn
 
-    return replace_forward(module, forward)
+_install_pyhealth_attention = _attention_installer(_pyhealth_attention_forward)
 
 
 def _install_pyhealth_layer_norm(module: nn.Module, config: GIMConfig) -> Handle:
