@@ -39,19 +39,27 @@ __all__ = [
     "comparison_html",
 ]
 
+#: method family -> (colour, line style); a method's own colour (_COLOURS) wins
 _STYLE = {
     "GIM": ("#d62728", "-"),
     "GIM ablation": ("#ff9896", "--"),
     "Captum": ("#1f77b4", "-"),
     "floor": ("#7f7f7f", ":"),
 }
+_COLOURS = {
+    "ig-gim": "#9467bd",
+    "saliency": "#17becf",
+    "ixg": "#bcbd22",
+    "gradshap": "#2ca02c",
+}
+#: the metrics plotted, with their titles (which way is better: the comparison's METRICS)
 _METRIC_LABELS = {
-    "comprehensiveness_aopc": ("Comprehensiveness (AOPC)", True),
-    "sufficiency_aopc": ("Sufficiency (AOPC)", False),
-    "deletion_auc": ("Deletion AUC", False),
-    "gt_auroc": ("Ground-truth AUROC", True),
-    "gt_top1": ("Top-1 hit rate", True),
-    "infidelity": ("Infidelity", False),
+    "comprehensiveness_aopc": "Comprehensiveness (AOPC)",
+    "sufficiency_aopc": "Sufficiency (AOPC)",
+    "deletion_auc": "Deletion AUC",
+    "gt_auroc": "Ground-truth AUROC",
+    "gt_top1": "Top-1 hit rate",
+    "infidelity": "Infidelity",
 }
 
 
@@ -281,14 +289,24 @@ def visualize_timeseries_attr(
 
 def _style(rec: Dict[str, Any]) -> Tuple[str, str]:
     color, ls = _STYLE.get(rec.get("family", ""), ("#2ca02c", "-"))
-    if rec["key"] == "gim":
-        return "#d62728", "-"
-    if rec["key"] == "ig-gim":
-        return "#9467bd", "-"
-    if rec["key"] == "ig":
-        return "#1f77b4", "-"
-    palette = {"saliency": "#17becf", "ixg": "#bcbd22", "gradshap": "#2ca02c"}
-    return palette.get(rec["key"], color), ls
+    return _COLOURS.get(rec["key"], color), ls
+
+
+def _metric_title(metric: str) -> str:
+    from .evaluation.compare import METRICS
+
+    return f"{_METRIC_LABELS[metric]} ({'higher' if METRICS[metric][1] else 'lower'} = better)"
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _floats(values: Sequence[Optional[float]]) -> np.ndarray:
+    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
 
 
 def plot_deletion_curves(report: Dict[str, Any], path: Path) -> Path:
@@ -298,9 +316,7 @@ def plot_deletion_curves(report: Dict[str, Any], path: Path) -> Path:
     for rec in report["methods"]:
         c = rec["deletion_curve"]
         xs = np.asarray(c["fractions"], dtype=float)
-        mean = np.asarray([np.nan if v is None else v for v in c["mean"]], dtype=float)
-        lo = np.asarray([np.nan if v is None else v for v in c["ci_low"]], dtype=float)
-        hi = np.asarray([np.nan if v is None else v for v in c["ci_high"]], dtype=float)
+        mean, lo, hi = _floats(c["mean"]), _floats(c["ci_low"]), _floats(c["ci_high"])
         color, ls = _style(rec)
         auc = (rec["metrics"].get("deletion_auc") or {}).get("mean")
         label = rec["name"] + (f" (AUC {auc:.3f})" if auc is not None else "")
@@ -311,10 +327,7 @@ def plot_deletion_curves(report: Dict[str, Any], path: Path) -> Path:
     ax.set_title(f"Deletion curves: {report['task']['name']} (lower = more faithful)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def plot_metric_bars(report: Dict[str, Any], path: Path) -> Path:
@@ -344,18 +357,14 @@ def plot_metric_bars(report: Dict[str, Any], path: Path) -> Path:
         ax.barh(y, means, xerr=errs, color=colors, alpha=0.85, capsize=2)
         ax.set_yticks(y, names, fontsize=7)
         ax.invert_yaxis()
-        label, higher = _METRIC_LABELS[m]
-        ax.set_title(f"{label} ({'higher' if higher else 'lower'} = better)", fontsize=9)
+        ax.set_title(_metric_title(m), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
     ci = report["settings"]["ci_level"]
     fig.suptitle(f"{report['task']['name']}: mean and {ci:.0%} bootstrap CI over "
                  f"{report['task']['n_examples']} examples", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def plot_time_vs_quality(report: Dict[str, Any], path: Path) -> Path:
@@ -381,16 +390,12 @@ def plot_time_vs_quality(report: Dict[str, Any], path: Path) -> Path:
                         textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("median wall time per example (ms, log scale)")
-        label, higher = _METRIC_LABELS[q]
-        ax.set_ylabel(f"{label} ({'higher' if higher else 'lower'} = better)")
+        ax.set_ylabel(_metric_title(q))
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"Cost against quality: {report['task']['name']} "
                  f"({report['versions'].get('torch_threads')} CPU thread(s) / {report['task']['device']})",
                  fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 # --------------------------------------------------------------------------- the page
@@ -417,7 +422,8 @@ def _records_for_example(report: Dict[str, Any], ex: Dict[str, Any]) -> Tuple[Li
         if scores is None:
             continue
         s = np.asarray([scores[i] for i in keep], dtype=float)
-        scale = np.max(np.abs(s)) if s.size and np.max(np.abs(s)) > 0 else 1.0
+        peak = float(np.max(np.abs(s))) if s.size else 0.0
+        scale = peak if peak > 0 else 1.0
         records.append(VisualizationDataRecord(
             (s / scale).tolist(), ex.get("full_score") or 0.0, attr_class,
             ex.get("true_label") or "", attr_class, float(s.sum()), words, 0.0))
@@ -532,7 +538,7 @@ def plot_timeseries_attributions(
 
     Examples::
 
-        >>> 
+        >>> import torch
         >>> ax = plot_timeseries_attributions(torch.randn(5, 3), feature_names=["hr", "bp", "spo2"])
         >>> ax.figure.savefig("attr.png")  # doctest: +SKIP
     """
@@ -557,8 +563,6 @@ def plot_timeseries_attributions(
         raise ValueError(f"{len(labels)} time_labels for {T} time steps")
 
     if ax is None:
-        from matplotlib.figure import Figure
-
         fig = Figure(figsize=(max(4.0, 0.55 * T + 2.0), max(2.0, 0.4 * F + 1.2)))
         ax = fig.add_subplot(1, 1, 1)
     lim = float(a.abs().max()) if a.numel() else 1.0

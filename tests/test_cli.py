@@ -120,7 +120,9 @@ def test_demo_json_schema(demo_run):
 def test_report_numbers_are_measured(demo_run):
     _, _, report = demo_run
     info = report["task"]["info"]
-    assert 0.0 <= info["test_accuracy"] <= 1.0 and info["train_seconds"] > 0
+    # the default model learns its rule (measured: 1.0 on 2000 held-out sequences)
+    assert info["test_accuracy"] > 0.95 and info["test_accuracy_masked"] > 0.9
+    assert info["train_seconds"] > 0
     by = {r["key"]: r for r in report["methods"]}
     for rec in report["methods"]:
         times = rec["per_example"]["time_ms"]
@@ -128,6 +130,10 @@ def test_report_numbers_are_measured(demo_run):
         mem = rec["peak_memory_mib"]
         assert (mem is None) == (report["measurement"]["memory"] is None)
         assert mem is None or mem >= 0
+    if report["measurement"]["memory"] is not None:
+        # IG differentiates a batch of n_steps = 50 interpolated inputs, GIM one input
+        # (measured: about 2.5 MiB against 0.05 MiB)
+        assert by["ig"]["peak_memory_mib"] > by["gim"]["peak_memory_mib"]
     # the metrics differ between methods: the random floor scores like chance
     rnd = by["random"]["metrics"]
     assert 0.2 < rnd["gt_auroc"]["mean"] < 0.8

@@ -121,6 +121,9 @@ def test_faithfulness_additive_perfect_ranking():
     assert res.curve == pytest.approx(expected)
     assert res.curve[0] == 10.0 and res.curve[-1] == 0.0
     assert res.deletion_auc == pytest.approx(np.trapezoid(expected, CURVE_FRACTIONS))
+    # by hand: 3 points at 10, then 5 each at 6, 3 and 1, then 3 at 0, spaced 0.05:
+    # 0.05 * (30 + 30 + 15 + 5 + 0 - (10 + 0) / 2) = 3.75
+    assert res.deletion_auc == pytest.approx(3.75)
 
 
 def test_faithfulness_worst_ranking_is_worse():
@@ -238,6 +241,26 @@ def test_infidelity_zero_for_exact_attributions_and_scale_invariant():
     noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
     assert infid(noise) > 0.1
     assert infid(exact, seed=3) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_infidelity_never_removes_invalid_units():
+    # unit 3 may not be removed: a wrong attribution there cannot cost anything, while the
+    # same wrong attribution on a removable unit does
+    forward, w = _linear_model()
+    x = torch.randn(1, 4, 2, generator=torch.Generator().manual_seed(0))
+    b = torch.zeros_like(x)
+    exact = w[:, 0].reshape(1, 4, 1) * (x - b)
+    wrong = exact.clone()
+    wrong[0, 3] = 50.0
+
+    def infid(valid):
+        layout = UnitLayout((x,), (1,), (valid,))
+        return unit_infidelity(
+            forward, layout, (x,), (b,), (wrong,), target=0, n_perturb_samples=30,
+            generator=torch.Generator().manual_seed(0))
+
+    assert infid(torch.tensor([True, True, True, False])) == pytest.approx(0.0, abs=1e-4)
+    assert infid(torch.ones(4, dtype=torch.bool)) > 0.1
 
 
 # --------------------------------------------------------------------------- bootstrap

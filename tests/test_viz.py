@@ -23,7 +23,14 @@ def test_timeseries_every_method_and_sign(method, sign, tmp_path):
         show_colorbar=True, title="t")
     assert isinstance(fig, Figure)
     n_axes = 1 if method == "overlay_combined" else 3
-    assert len(np.atleast_1d(axes)) == n_axes
+    axes = np.atleast_1d(axes)
+    assert len(axes) == n_axes
+    for ax in axes:
+        if method == "colored_graph":  # one line coloured segment by segment
+            (lc,) = ax.collections
+            assert len(lc.get_segments()) == 39
+        else:  # one coloured span per time step
+            assert len(ax.patches) == 40
     fig.savefig(tmp_path / "ts.png")
     assert (tmp_path / "ts.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -34,7 +41,9 @@ def test_timeseries_channels_first_and_given_axes():
     axes = fig.subplots(2, 1)
     out_fig, out_axes = visualize_timeseries_attr(
         data, data, channels_last=False, plt_fig_axis=(fig, axes), cmap="viridis")
-    assert out_fig is fig and len(out_axes) == 2
+    assert out_fig is fig and list(out_axes) == list(axes)
+    for c in range(2):  # channel c on axis c, over the 25 time steps
+        np.testing.assert_array_equal(axes[c].lines[0].get_ydata(), data[c])
     with pytest.raises(ValueError, match="same shape"):
         visualize_timeseries_attr(data, data[:, :5])
 

@@ -161,8 +161,21 @@ class MethodSpec:
     report: Optional[Callable[[], Any]] = None
 
 
-def _as_tuple(x: Any) -> Tuple[Tensor, ...]:
-    return x if isinstance(x, tuple) else (x,)
+def _runner(
+    method: Any, baselines: bool = True, **kwargs: Any
+) -> Callable[[Example, int], Tuple[Tensor, ...]]:
+    r"""``attribute(example, seed)``: ``method.attribute`` on the example's inputs, target
+    and forward arguments (and its baselines, unless ``baselines=False``), plus ``kwargs``."""
+
+    def run(ex: Example, seed: int) -> Tuple[Tensor, ...]:
+        extra = {"baselines": ex.baselines} if baselines else {}
+        out = method.attribute(
+            ex.inputs, target=ex.target, additional_forward_args=ex.additional_forward_args,
+            **extra, **kwargs,
+        )
+        return out if isinstance(out, tuple) else (out,)
+
+    return run
 
 
 def build_methods(task: Task, settings: CompareSettings) -> List[MethodSpec]:
@@ -183,20 +196,9 @@ def build_methods(task: Task, settings: CompareSettings) -> List[MethodSpec]:
         method = GIMAttribution(
             f, model=model, temperature=temp, freeze_norms=freeze, divide_grads=divide
         )
-
-        def run(ex: Example, seed: int) -> Tuple[Tensor, ...]:
-            return _as_tuple(
-                method.attribute(
-                    ex.inputs,
-                    baselines=ex.baselines,
-                    target=ex.target,
-                    additional_forward_args=ex.additional_forward_args,
-                )
-            )
-
         specs.append(
             MethodSpec(
-                key, name, family, what, True, True, run,
+                key, name, family, what, True, True, _runner(method),
                 gim={"temperature": temp, "freeze_norms": freeze, "divide_grads": divide},
                 report=lambda: method.last_report,
             )
@@ -213,19 +215,11 @@ def build_methods(task: Task, settings: CompareSettings) -> List[MethodSpec]:
     gim("gim-off", "GIM: no rules", "GIM ablation", 1.0, False, False,
         "GIMAttribution with every rule off: plain gradient x (input - baseline)")
 
-    ig = IntegratedGradients(f, multiply_by_inputs=True)
-
-    def run_ig(ex: Example, seed: int) -> Tuple[Tensor, ...]:
-        return _as_tuple(
-            ig.attribute(
-                ex.inputs,
-                baselines=ex.baselines,
-                target=ex.target,
-                additional_forward_args=ex.additional_forward_args,
-                n_steps=settings.n_steps,
-                internal_batch_size=settings.internal_batch_size,
-            )
-        )
+    run_ig = _runner(
+        IntegratedGradients(f, multiply_by_inputs=True),
+        n_steps=settings.n_steps,
+        internal_batch_size=settings.internal_batch_size,
+    )
 
     specs.append(MethodSpec(
         "ig", "IntegratedGradients", "Captum",
@@ -246,39 +240,19 @@ def build_methods(task: Task, settings: CompareSettings) -> List[MethodSpec]:
         gim={"temperature": T, "freeze_norms": True, "divide_grads": True},
         report=lambda: ig_report.get("last")))
 
-    sal = Saliency(f)
-
-    def run_sal(ex: Example, seed: int) -> Tuple[Tensor, ...]:
-        return _as_tuple(sal.attribute(
-            ex.inputs, target=ex.target, abs=True,
-            additional_forward_args=ex.additional_forward_args))
-
     specs.append(MethodSpec(
         "saliency", "Saliency", "Captum", "captum.attr.Saliency (absolute gradient)",
-        False, False, run_sal))
-
-    ixg = InputXGradient(f)
-
-    def run_ixg(ex: Example, seed: int) -> Tuple[Tensor, ...]:
-        return _as_tuple(ixg.attribute(
-            ex.inputs, target=ex.target, additional_forward_args=ex.additional_forward_args))
-
+        False, False, _runner(Saliency(f), baselines=False, abs=True)))
     specs.append(MethodSpec(
         "ixg", "InputXGradient", "Captum",
         "captum.attr.InputXGradient: gradient x input (Captum's definition: a zero baseline)",
-        True, True, run_ixg))
-
-    gs = GradientShap(f, multiply_by_inputs=True)
-
-    def run_gs(ex: Example, seed: int) -> Tuple[Tensor, ...]:
-        return _as_tuple(gs.attribute(
-            ex.inputs, baselines=ex.baselines, n_samples=settings.gradshap_samples,
-            stdevs=0.0, target=ex.target, additional_forward_args=ex.additional_forward_args))
-
+        True, True, _runner(InputXGradient(f), baselines=False)))
     specs.append(MethodSpec(
         "gradshap", "GradientShap", "Captum",
         f"captum.attr.GradientShap, n_samples={settings.gradshap_samples}, stdevs=0, "
-        "baseline distribution: the baseline", True, True, run_gs))
+        "baseline distribution: the baseline", True, True,
+        _runner(GradientShap(f, multiply_by_inputs=True),
+                n_samples=settings.gradshap_samples, stdevs=0.0)))
 
     def run_random(ex: Example, seed: int) -> Tuple[Tensor, ...]:
         g = torch.Generator().manual_seed(seed)
@@ -349,48 +323,66 @@ def _report_summary(report: Any) -> Optional[Dict[str, Any]]:
     }
 
 
-def _evaluate_example(
-    task: Task,
-    spec: MethodSpec,
-    ex: Example,
-    attributions: Tuple[Tensor, ...],
-    tiebreak: Tensor,
-    settings: CompareSettings,
-    seed: int,
-) -> Tuple[Dict[str, float], List[float], Tensor]:
+@dataclass
+class _PerExample:
+    r"""What every method's evaluation of one example shares: its units, the shared
+    tie-break key, the evidence flattened per unit, and its removal score function."""
+
+    ex: Example
+    layout: UnitLayout
+    tiebreak: Tensor
+    evidence: Optional[Tensor]
+    score_fn: Callable[[Tuple[Tensor, ...]], Tensor]
+
+
+def _prepare(task: Task, ex: Example, tiebreak_seed: int) -> _PerExample:
     layout = UnitLayout(ex.inputs, task.reduce_dims, ex.valid)
-    scores = layout.scores(attributions)
-    order = rank_units(scores, layout.valid, tiebreak)
+    tiebreak = torch.from_numpy(np.random.default_rng(tiebreak_seed).random(layout.n_units))
+    evidence = (
+        torch.cat([e.reshape(-1).bool().cpu() for e in ex.evidence])
+        if ex.evidence is not None else None
+    )
 
     def score_fn(batch: Tuple[Tensor, ...]) -> Tensor:
         args = expand_args(ex.additional_forward_args, batch[0].shape[0]) or ()
         return task.score_fn(task.forward_func(*batch, *args), ex.target)
 
+    return _PerExample(ex, layout, tiebreak, evidence, score_fn)
+
+
+def _evaluate_example(
+    task: Task,
+    spec: MethodSpec,
+    prep: _PerExample,
+    attributions: Tuple[Tensor, ...],
+    settings: CompareSettings,
+    seed: int,
+) -> Tuple[Dict[str, float], List[float], Tensor]:
+    ex, layout = prep.ex, prep.layout
+    scores = layout.scores(attributions)
+    order = rank_units(scores, layout.valid, prep.tiebreak)
     faith = faithfulness(
-        score_fn, layout, ex.inputs, ex.baselines, order,
+        prep.score_fn, layout, ex.inputs, ex.baselines, order,
         fractions=settings.fractions, curve_fractions=settings.curve_fractions,
     )
-    if ex.evidence is not None:
-        ev = torch.cat([e.reshape(-1).bool().cpu() for e in ex.evidence])
-        auroc = ground_truth_auroc(scores, ev, layout.valid)
-        top1 = top1_hit(order, ev)
+    if prep.evidence is not None:
+        auroc = ground_truth_auroc(scores, prep.evidence, layout.valid)
+        top1 = top1_hit(order, prep.evidence)
     else:
         auroc = top1 = float("nan")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        infid = unit_infidelity(
-            task.forward_func,
-            layout,
-            ex.inputs,
-            ex.baselines,
-            tuple(a.detach() for a in attributions),
-            target=ex.target,
-            additional_forward_args=ex.additional_forward_args,
-            n_perturb_samples=settings.infidelity_samples,
-            remove_prob=settings.infidelity_remove_prob,
-            multiply_by_inputs=spec.multiplies_by_inputs,
-            generator=torch.Generator().manual_seed(seed),
-        )
+    infid = unit_infidelity(
+        task.forward_func,
+        layout,
+        ex.inputs,
+        ex.baselines,
+        tuple(a.detach() for a in attributions),
+        target=ex.target,
+        additional_forward_args=ex.additional_forward_args,
+        n_perturb_samples=settings.infidelity_samples,
+        remove_prob=settings.infidelity_remove_prob,
+        multiply_by_inputs=spec.multiplies_by_inputs,
+        generator=torch.Generator().manual_seed(seed),
+    )
     values = {
         "comprehensiveness_aopc": faith.comprehensiveness_aopc,
         "sufficiency_aopc": faith.sufficiency_aopc,
@@ -421,8 +413,6 @@ def run_comparison(task: Task, settings: CompareSettings) -> Dict[str, Any]:
         values, the deletion curve, per-group means, paired differences against the
         reference method, time and memory) and ``examples_shown`` for the HTML page.
     """
-    from tqdm.auto import tqdm
-
     with warnings.catch_warnings():
         # Captum warns that our inputs did not require gradients: it sets that itself
         warnings.filterwarnings("ignore", message="Input Tensor .* did not already require")
@@ -446,11 +436,7 @@ def _run(task: Task, settings: CompareSettings) -> Dict[str, Any]:
     if n == 0:
         raise ValueError("the task has no examples")
     device = task.device
-    tiebreaks = [
-        torch.from_numpy(np.random.default_rng(_seed(settings.seed, 1, i)).random(
-            UnitLayout(ex.inputs, task.reduce_dims, ex.valid).n_units))
-        for i, ex in enumerate(examples)
-    ]
+    prepared = [_prepare(task, ex, _seed(settings.seed, 1, i)) for i, ex in enumerate(examples)]
     shown = list(range(min(settings.n_show, n)))
     per_method: Dict[str, Dict[str, Any]] = {
         spec.key: {"values": {}, "curves": [], "shown": {}, "times": []} for spec in specs
@@ -471,7 +457,7 @@ def _run(task: Task, settings: CompareSettings) -> Dict[str, Any]:
             _seed_global(s)
             attrs, seconds = timed(lambda: spec.attribute(ex, s), device)
             data["times"].append(seconds)
-            vals, curve, scores = _evaluate_example(task, spec, ex, attrs, tiebreaks[i], settings, s)
+            vals, curve, scores = _evaluate_example(task, spec, prepared[i], attrs, settings, s)
             for k, v in vals.items():
                 data["values"].setdefault(k, []).append(v)
             data["curves"].append(curve)
@@ -496,7 +482,7 @@ def _run(task: Task, settings: CompareSettings) -> Dict[str, Any]:
                 out = spec.attribute(examples[longest], _seed(settings.seed, 3, m_idx, longest))
                 del out
             per_method[spec.key]["peak_memory_bytes"] = meter.peak_bytes
-    return _aggregate(task, settings, specs, per_method, shown, mem_how)
+    return _aggregate(task, settings, specs, per_method, prepared, shown, mem_how)
 
 
 def _ci(values: Sequence[float], settings: CompareSettings, *key: int) -> Dict[str, Any]:
@@ -510,11 +496,13 @@ def _aggregate(
     settings: CompareSettings,
     specs: List[MethodSpec],
     per_method: Dict[str, Dict[str, Any]],
+    prepared: List[_PerExample],
     shown: List[int],
     mem_how: Optional[str],
 ) -> Dict[str, Any]:
     examples = task.examples
     groups = sorted({ex.group for ex in examples if ex.group is not None})
+    group_index = {g: [i for i, ex in enumerate(examples) if ex.group == g] for g in groups}
     ref = settings.reference if settings.reference in per_method else None
     records = []
     for spec in specs:
@@ -528,13 +516,11 @@ def _aggregate(
         curves = np.asarray(data["curves"], dtype=np.float64)
         curve_ci = [_ci(curves[:, c].tolist(), settings, m_idx, 100 + c) for c in range(curves.shape[1])]
         by_group: Dict[str, Dict[str, Optional[float]]] = {}
-        for g in groups:
-            idx = [i for i, ex in enumerate(examples) if ex.group == g]
+        for g, idx in group_index.items():
             by_group[g] = {
                 name: _finite(float(np.nanmean([vals[name][i] for i in idx])))
                 if any(not math.isnan(vals[name][i]) for i in idx) else None
-                for name in ("comprehensiveness_aopc", "sufficiency_aopc", "deletion_auc",
-                             "gt_auroc", "gt_top1", "infidelity")
+                for name in METRICS if name != "time_ms"
             }
             by_group[g]["n"] = len(idx)
         vs_ref = None
@@ -577,8 +563,8 @@ def _aggregate(
         )
     shown_examples = []
     for i in shown:
-        ex = examples[i]
-        layout = UnitLayout(ex.inputs, task.reduce_dims, ex.valid)
+        prep = prepared[i]
+        ex = prep.ex
         shown_examples.append(
             {
                 "index": i,
@@ -588,11 +574,8 @@ def _aggregate(
                 "target": ex.target,
                 "target_label": ex.target_label,
                 "unit_labels": ex.unit_labels,
-                "valid": layout.valid.tolist(),
-                "evidence": (
-                    torch.cat([e.reshape(-1).bool().cpu() for e in ex.evidence]).tolist()
-                    if ex.evidence is not None else None
-                ),
+                "valid": prep.layout.valid.tolist(),
+                "evidence": prep.evidence.tolist() if prep.evidence is not None else None,
                 "full_score": _finite(per_method[specs[0].key]["values"]["full_score"][i]),
                 "scores": {spec.key: per_method[spec.key]["shown"][i] for spec in specs},
             }

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tasks import Example, Task, output_score, softmax_score
+from .tasks import Example, Task, frozen, output_score, softmax_score
 
 __all__ = [
     "DEFAULT_PAIRS",
@@ -84,8 +84,7 @@ def read_inputs(path: Optional[str], pairs: bool) -> Optional[List[Tuple[str, ..
     if path is None:
         return None
     lines = []
-    for n, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        line = raw.strip("\r\n")
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = tuple(p.strip() for p in line.split("\t"))
@@ -164,10 +163,22 @@ def _encode(tokenizer: Any, *texts: str, max_length: int) -> Tuple[Any, Tensor]:
     return enc, torch.tensor([int(i) in special for i in enc["input_ids"][0]], dtype=torch.bool)
 
 
-def _load_tokenizer(path: Path) -> Any:
+def _load(path: Path, auto_class: Any, wrapper: Any, device: torch.device) -> Tuple[Any, nn.Module, Any]:
+    r"""The tokenizer, ``wrapper(model)`` frozen on ``device``, and the model's word-embedding
+    layer, for a local checkpoint loaded with ``auto_class``."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    hf = auto_class.from_pretrained(str(path), local_files_only=True)
+    return tokenizer, frozen(wrapper(hf), device), hf.get_input_embeddings()
+
+
+def _embed(emb_layer: nn.Module, ids: Tensor, special: Tensor, base_id: int) -> Tuple[Tensor, Tensor]:
+    r"""The embeddings of ``ids`` and of the baseline: ``base_id`` at every position but
+    the special tokens."""
+    base_ids = torch.where(special.to(ids.device), ids[0], torch.full_like(ids[0], base_id))[None]
+    with torch.no_grad():
+        return emb_layer(ids), emb_layer(base_ids)
 
 
 def _offline(progress: bool = True) -> None:
@@ -190,12 +201,7 @@ def _similarity_task(
 ) -> Task:
     from transformers import AutoModel
 
-    tokenizer = _load_tokenizer(path)
-    encoder = AutoModel.from_pretrained(str(path), local_files_only=True)
-    model = SentenceSimilarity(encoder).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    emb_layer = encoder.get_input_embeddings()
+    tokenizer, model, emb_layer = _load(path, AutoModel, SentenceSimilarity, device)
     base_id, base_tok = _baseline_id(tokenizer)
     examples: List[Example] = []
     for a, b in list(pairs)[:n_examples]:
@@ -203,11 +209,9 @@ def _similarity_task(
         enc_b, _ = _encode(tokenizer, b, max_length=max_length)
         ids = enc_a["input_ids"].to(device)
         mask = enc_a["attention_mask"].to(device)
-        base_ids = torch.where(special.to(device), ids[0], torch.full_like(ids[0], base_id))[None]
+        emb, base = _embed(emb_layer, ids, special, base_id)
         with torch.no_grad():
             ref = model.embed(enc_b["input_ids"].to(device), enc_b["attention_mask"].to(device))
-            emb = emb_layer(ids)
-            base = emb_layer(base_ids)
         tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
         words_b = {w.lower().strip(".,!?;:") for w in b.split()} - _STOPWORDS
         evidence = torch.tensor(
@@ -246,10 +250,10 @@ def _similarity_task(
             "checkpoint": str(path),
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
             "baseline_token": base_tok,
-            "attention_implementation": getattr(encoder.config, "_attn_implementation", None),
-            "mean_similarity": float(
+            "attention_implementation": getattr(model.encoder.config, "_attn_implementation", None),
+            "mean_similarity": (
                 sum(float(model(*e.inputs, *e.additional_forward_args)) for e in examples)
-                / max(1, len(examples))
+                / len(examples)
             ) if examples else None,
         },
     )
@@ -322,12 +326,8 @@ def checkpoint_task(
         )
     from transformers import AutoModelForSequenceClassification
 
-    tokenizer = _load_tokenizer(path)
-    hf = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True)
-    model = EmbedsClassifier(hf).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    emb_layer = hf.get_input_embeddings()
+    tokenizer, model, emb_layer = _load(
+        path, AutoModelForSequenceClassification, EmbedsClassifier, device)
     base_id, base_tok = _baseline_id(tokenizer)
     id2label = getattr(config, "id2label", None) or {}
     examples: List[Example] = []
@@ -337,10 +337,8 @@ def checkpoint_task(
         mask = enc["attention_mask"].to(device)
         tt = enc.get("token_type_ids")
         tt = tt.to(device) if tt is not None else None
-        base_ids = torch.where(special.to(device), ids[0], torch.full_like(ids[0], base_id))[None]
+        emb, base = _embed(emb_layer, ids, special, base_id)
         with torch.no_grad():
-            emb = emb_layer(ids)
-            base = emb_layer(base_ids)
             logits = model(emb, mask, tt)
         pred = int(logits.argmax(-1))
         label = str(id2label.get(pred, id2label.get(str(pred), pred)))
@@ -372,6 +370,6 @@ def checkpoint_task(
             "checkpoint": str(path),
             "n_parameters": int(sum(p.numel() for p in model.parameters())),
             "baseline_token": base_tok,
-            "attention_implementation": getattr(hf.config, "_attn_implementation", None),
+            "attention_implementation": getattr(model.model.config, "_attn_implementation", None),
         },
     )

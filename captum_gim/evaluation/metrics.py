@@ -24,7 +24,7 @@ The metrics:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -91,8 +91,7 @@ class UnitLayout:
                 parts.append(v.reshape(-1).bool().cpu())
             flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
         self.valid = flat
-        self.valid_index = torch.nonzero(flat).flatten()
-        self.n_valid = int(self.valid_index.numel())
+        self.n_valid = int(flat.sum())
 
     def scores(self, attributions: Tuple[Tensor, ...], row: int = 0) -> Tensor:
         r"""One float64 score per unit (all units, flattened input by input): the
@@ -119,7 +118,7 @@ class UnitLayout:
 
         Args:
             remove (Tensor): bool ``(K, n_units)``; True where the unit is replaced.
-            inputs, baselines (tuple[Tensor, ...]): batch size 1 each.
+            inputs, baselines (tuple[Tensor, ...]): batch size 1 (or ``K``) each.
 
         Returns:
             tuple[Tensor, ...]: inputs with batch size ``K``.
@@ -204,7 +203,6 @@ class FaithfulnessResult:
     sufficiency_aopc: float
     curve: List[float]
     deletion_auc: float
-    counts: Dict[str, List[int]] = field(default_factory=dict)
 
 
 def faithfulness(
@@ -243,7 +241,11 @@ def faithfulness(
             removal_masks(order, bins, layout.n_units, keep=True),
         ]
     )
-    scores = _score_masks(score_fn, layout, inputs, baselines, masks, max_batch)
+    scores: List[float] = []
+    with torch.no_grad():
+        for start in range(0, masks.shape[0], max_batch):
+            batch = layout.apply(masks[start : start + max_batch], inputs, baselines)
+            scores += score_fn(batch).detach().reshape(-1).to("cpu", torch.float64).tolist()
     removed = dict(zip(remove_k, scores[: len(remove_k)]))
     kept = scores[len(remove_k) :]
     full = removed[0]
@@ -259,25 +261,7 @@ def faithfulness(
         sufficiency_aopc=float(np.mean(suff)) if suff else float("nan"),
         curve=curve,
         deletion_auc=auc,
-        counts={"bins": bins, "curve": curve_k},
     )
-
-
-def _score_masks(
-    score_fn: Callable[[Tuple[Tensor, ...]], Tensor],
-    layout: UnitLayout,
-    inputs: Tuple[Tensor, ...],
-    baselines: Tuple[Tensor, ...],
-    masks: Tensor,
-    max_batch: int,
-) -> List[float]:
-    out: List[float] = []
-    with torch.no_grad():
-        for start in range(0, masks.shape[0], max_batch):
-            batch = layout.apply(masks[start : start + max_batch], inputs, baselines)
-            s = score_fn(batch).detach().reshape(-1).to("cpu", torch.float64)
-            out.extend(s.tolist())
-    return out
 
 
 def ground_truth_auroc(scores: Tensor, evidence: Tensor, valid: Optional[Tensor] = None) -> float:
@@ -347,28 +331,21 @@ def unit_infidelity(
     """
     from captum.metrics import infidelity
 
-    gen = generator
     baselines = tuple(b.expand_as(x) for b, x in zip(baselines, inputs))
 
     def perturb(xs: Any, bs: Any) -> Tuple[Tuple[Tensor, ...], Tuple[Tensor, ...]]:
         # Captum passes bare tensors for a single input, tuples otherwise
         xs = xs if isinstance(xs, tuple) else (xs,)
         bs = bs if isinstance(bs, tuple) else (bs,)
-        k = xs[0].shape[0]
-        u = torch.rand(k, layout.n_units, generator=gen)
-        remove = (u < remove_prob) & layout.valid.unsqueeze(0)
-        perturbed, perturbation = [], []
-        for m, x, b, r in zip(layout.split(remove), xs, bs, layout.reduce_dims):
-            m = m.to(x.device).reshape(*m.shape, *([1] * r))
-            bx = b.expand_as(x)
-            xp = torch.where(m, bx, x)
-            if multiply_by_inputs:
-                pert = (m & (x != bx)).to(x.dtype)
-            else:
-                pert = x - xp
-            perturbed.append(xp)
-            perturbation.append(pert)
-        return tuple(perturbation), tuple(perturbed)
+        u = torch.rand(xs[0].shape[0], layout.n_units, generator=generator)
+        perturbed = layout.apply((u < remove_prob) & layout.valid, xs, bs)
+        # the removed values that differ from the baseline: 1 (multiply-by-inputs
+        # convention) or the change itself (local convention)
+        perturbation = tuple(
+            (xp != x).to(x.dtype) if multiply_by_inputs else x - xp
+            for x, xp in zip(xs, perturbed)
+        )
+        return perturbation, perturbed
 
     value = infidelity(
         forward_func,

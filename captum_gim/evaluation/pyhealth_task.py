@@ -17,8 +17,6 @@ The trained model is cached like the default one, keyed by its settings.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import random
 import time
 import warnings
@@ -29,17 +27,17 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
-from .tasks import Example, Task, cache_dir, softmax_score
+from .synthetic import KINDS, training_kinds
+from .tasks import CacheKey, Example, Task, cache_dir, frozen, load_cached, save_cached, softmax_score
 
 __all__ = ["PyHealthSettings", "ehr_samples", "pyhealth_task"]
 
-KINDS = ("single", "twice", "conj", "both")
 FILLERS = [f"C{i:02d}" for i in range(40)]
 N_LABS = 3
 
 
 @dataclass(frozen=True)
-class PyHealthSettings:
+class PyHealthSettings(CacheKey):
     r"""Everything that determines the trained PyHealth model (the cache key)."""
 
     n_train: int = 800
@@ -51,10 +49,6 @@ class PyHealthSettings:
     batch_size: int = 32
     train_seed: int = 0
     version: int = 1
-
-    def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def _patient(rng: random.Random, i: int, kind: str) -> Tuple[Dict[str, Any], List[bool]]:
@@ -104,7 +98,7 @@ _SCHEMA = ({"codes": "sequence", "labs": "timeseries"}, {"label": "binary"})
 
 
 def _train_kinds(n: int, seed: int) -> List[str]:
-    kinds = ["negative" if i % 2 == 0 else KINDS[(i // 2) % len(KINDS)] for i in range(n)]
+    kinds = training_kinds(n)
     random.Random(seed).shuffle(kinds)
     return kinds
 
@@ -191,17 +185,11 @@ def pyhealth_task(
             path = cache_dir() / "models" / f"pyhealth-transformer-{settings.key()}.pt"
             vocab = _code_vocab(train_ds)
             info: Dict[str, Any] = {"cache_path": str(path)}
-            loaded = False
-            if path.is_file():
-                try:
-                    blob = torch.load(path, map_location="cpu", weights_only=True)
-                    if blob.get("vocab") == vocab:
-                        model.load_state_dict(blob["state_dict"])
-                        info.update(blob["metrics"])
-                        loaded = True
-                except Exception as e:  # unreadable cache: train again
-                    warnings.warn(f"ignoring unreadable cached model {path}: {e}", stacklevel=2)
-            if not loaded:
+            cached = load_cached(path, model, accept=lambda blob: blob.get("vocab") == vocab)
+            loaded = cached is not None
+            if loaded:
+                info.update(cached)
+            else:
                 metrics = _train(model, train_ds, settings, progress)
                 test_samples, _ = ehr_samples(_train_kinds(1000, settings.train_seed + 7),
                                               settings.train_seed + 10_000)
@@ -210,16 +198,11 @@ def pyhealth_task(
                     output_processors=train_ds.output_processors)
                 metrics["test_accuracy"] = _accuracy(model, test_ds)
                 metrics["n_test"] = 1000
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".tmp{random.getrandbits(30)}")
-                torch.save({"state_dict": model.state_dict(), "metrics": metrics, "vocab": vocab},
-                           tmp)
-                tmp.replace(path)
+                save_cached({"state_dict": model.state_dict(), "metrics": metrics, "vocab": vocab},
+                            path)
                 info.update(metrics)
             info["from_cache"] = loaded
-            model = model.to(device).eval()
-            for p in model.parameters():
-                p.requires_grad_(False)
+            model = frozen(model, device)
 
             kinds = [KINDS[i % len(KINDS)] for i in range(n_examples)]
             eval_samples, evidence = ehr_samples(kinds, int(np.random.SeedSequence([seed, 77]).generate_state(1)[0]))
@@ -284,7 +267,8 @@ def pyhealth_task(
     return Task(
         name="pyhealth",
         description=(
-            "PyHealth 2.1 Transformer (2 layers, embedding 32, 2 heads) trained on a synthetic "
+            f"PyHealth 2.1 Transformer ({settings.num_layers} layers, embedding "
+            f"{settings.embedding_dim}, {settings.heads} heads) trained on a synthetic "
             "EHR cohort: a patient is positive iff their codes contain ALPHA, or both BETA and "
             "GAMMA (a lone BETA or GAMMA is a near miss); lab time series are noise. Explained "
             "through captum_gim.pyhealth.PyHealthAdapter: the positive class of positive "

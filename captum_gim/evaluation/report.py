@@ -32,6 +32,16 @@ def _cell(stats: Optional[Dict[str, Any]], metric: str) -> str:
     return f"{_fmt(m, metric)}±{_fmt(half, metric)}"
 
 
+def _columns(header: List[str], rows: List[List[str]]) -> List[str]:
+    r"""Header, rule and rows, aligned: the first column left, the others right."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+
+    def line(cells: List[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
+
+
 def format_table(report: Dict[str, Any]) -> str:
     r"""The per-method table: mean ± half-width of the confidence interval."""
     metrics = [m for m in METRICS if m != "time_ms"]
@@ -50,15 +60,7 @@ def format_table(report: Dict[str, Any]) -> str:
         mem = r.get("peak_memory_mib")
         row.append("n/a" if mem is None else (f"{mem:.2f}" if mem < 10 else f"{mem:.1f}"))
         rows.append(row)
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = [
-        "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))),
-        "  ".join("-" * w for w in widths),
-    ]
-    for row in rows:
-        lines.append(
-            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        )
+    lines = _columns(header, rows)
     ci = report["settings"]["ci_level"]
     lines.append(
         f"± : half-width of the {ci:.0%} bootstrap CI over {report['task']['n_examples']} "
@@ -86,15 +88,7 @@ def format_group_table(report: Dict[str, Any], metrics: Sequence[str] = ("gt_aur
     for r in report["methods"]:
         bg = r.get("by_group") or {}
         rows.append([r["name"]] + [_fmt((bg.get(g) or {}).get(m), m) for m in metrics for g in groups])
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    lines = [
-        "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))),
-        "  ".join("-" * w for w in widths),
-    ]
-    lines += [
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-        for row in rows
-    ]
+    lines = _columns(header, rows)
     n = {g: ((report["methods"][0].get("by_group") or {}).get(g) or {}).get("n") for g in groups}
     lines.append("means per group (" + ", ".join(f"{g}: {k} examples" for g, k in n.items()) + ")")
     return "\n".join(lines)

@@ -62,9 +62,7 @@ def _linux_rss_available() -> bool:
             f.write("5")
         _read_status("VmHWM")
         return True
-    except OSError:
-        return False
-    except KeyError:
+    except (OSError, KeyError):
         return False
 
 

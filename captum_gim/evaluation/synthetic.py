@@ -25,10 +25,7 @@ and a final ``LayerNorm``) trains in seconds on a CPU and is cached under
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -37,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .tasks import Example, Task, cache_dir, softmax_score
+from .tasks import CacheKey, Example, Task, cache_dir, frozen, load_cached, save_cached, softmax_score
 
 __all__ = [
     "SyntheticSettings",
@@ -52,8 +49,14 @@ __all__ = [
 KINDS = ("single", "twice", "conj", "both")
 
 
+def training_kinds(n: int) -> List[str]:
+    r"""``n`` kinds for a training or test set: half ``negative``, the rest the
+    :data:`KINDS` in turn (shuffle them)."""
+    return ["negative" if i % 2 == 0 else KINDS[(i // 2) % len(KINDS)] for i in range(n)]
+
+
 @dataclass(frozen=True)
-class SyntheticSettings:
+class SyntheticSettings(CacheKey):
     r"""Everything that determines the trained default model (the cache key)."""
 
     seq_len: int = 16
@@ -68,10 +71,6 @@ class SyntheticSettings:
     lr: float = 3e-3
     train_seed: int = 0
     version: int = 2
-
-    def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
 
 class Vocabulary:
@@ -202,7 +201,7 @@ def _build(settings: SyntheticSettings, vocab: Vocabulary) -> TokenTransformerCl
 def _labelled_set(
     vocab: Vocabulary, n: int, seq_len: int, rng: np.random.Generator, mask_augment: float
 ) -> Tuple[Tensor, Tensor]:
-    kinds = ["negative" if i % 2 == 0 else KINDS[(i // 2) % len(KINDS)] for i in range(n)]
+    kinds = training_kinds(n)
     rng.shuffle(kinds)
     ids, _ = make_sequences(vocab, kinds, seq_len, rng, mask_augment=mask_augment)
     labels = torch.tensor([k != "negative" for k in kinds]).long()
@@ -290,20 +289,12 @@ def load_synthetic_model(
     path = directory / f"synthetic-redundant-{settings.key()}.pt"
     vocab = Vocabulary(settings.n_fillers)
     model = _build(settings, vocab)
-    if path.is_file():
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(blob["state_dict"])
-            model.eval()
-            return model, {"cache_path": str(path), "from_cache": True, **blob["metrics"]}
-        except Exception as e:  # a broken cache file: train again
-            warnings.warn(f"ignoring unreadable cached model {path}: {e}", stacklevel=2)
+    cached = load_cached(path, model)
+    if cached is not None:
+        return model.eval(), {"cache_path": str(path), "from_cache": True, **cached}
     model, metrics = train_synthetic_model(settings, progress=progress)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{np.random.default_rng().integers(1 << 30)}")
-    torch.save({"state_dict": model.state_dict(), "metrics": metrics,
-                "settings": dataclasses.asdict(settings)}, tmp)
-    tmp.replace(path)  # atomic: concurrent runs never read a half-written file
+    save_cached({"state_dict": model.state_dict(), "metrics": metrics,
+                 "settings": dataclasses.asdict(settings)}, path)
     return model, {"cache_path": str(path), "from_cache": False, **metrics}
 
 
@@ -317,21 +308,19 @@ def synthetic_task(
     r"""The embedded default task: explain class 1 on positive test sequences.
 
     Args:
-        n_examples (int): positive sequences to explain, the three kinds in turn.
+        n_examples (int): positive sequences to explain, the four kinds in turn.
         seed (int): draws the sequences.
         device (torch.device): where to run.
         progress (bool): show a progress bar if the model has to be trained.
         settings (SyntheticSettings): the model and training settings.
     """
     model, info = load_synthetic_model(settings, progress=progress)
-    model = model.to(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model = frozen(model, device)
     vocab = Vocabulary(settings.n_fillers)
     rng = np.random.default_rng([seed, 20_250_101])
     kinds = [KINDS[i % len(KINDS)] for i in range(n_examples)]
     ids, evidence = make_sequences(vocab, kinds, settings.seq_len, rng)
-    ids, evidence = ids.to(device), evidence
+    ids = ids.to(device)
     base_ids = torch.full_like(ids, vocab.mask)
     base_ids[:, 0] = vocab.cls
     with torch.no_grad():
@@ -369,7 +358,7 @@ def synthetic_task(
     return Task(
         name="default",
         description=(
-            "Embedded default: a 2-layer pre-norm transformer encoder classifier "
+            f"Embedded default: a {settings.n_layers}-layer pre-norm transformer encoder classifier "
             f"(d={settings.d_model}, {settings.n_heads} heads, [CLS] pooling) trained on a "
             "synthetic task: a sequence is positive iff it contains 'alpha', or both 'beta' "
             "and 'gamma' (a lone 'beta' or 'gamma' is a near miss). Explained: class "
