@@ -9,11 +9,12 @@ with ``attn_implementation="sdpa"``:
 
 Both methods attribute at the embedding layer with one forward and one backward
 (``baselines=None``): ``LayerGradientXActivation`` (the reference) and ``LayerGIM``.
-``LayerGIM + baseline`` adds the paper's baseline (a second, gradient-free forward).
+``LayerGIM + baseline`` adds the paper's baseline (a gradient-free forward that stops at
+the embedding layer).
 Methods run once per round in a rotating order; wall times first, then process CPU times
-(less sensitive to other processes on a shared machine), then peak memory (CPU:
-resident-set growth above the level at the call, sampled every millisecond, with glibc
-told to return freed blocks; CUDA: the allocator's peak). The table gives medians and
+(less sensitive to other processes on a shared machine), then peak memory
+(``captum_gim.evaluation.resources.PeakMemory``: CPU, the kernel's resident-set
+high-water mark with glibc returning freed blocks; CUDA, the allocator's peak). The table gives medians and
 ratios to ``LayerGradientXActivation``; the goal is within 1.5x at sequence 512 on CPU.
 
 Run: ``.venv/bin/python benchmarks/hf_overhead.py [--seq 512] [--rounds 5] [--json out.json]``
@@ -38,14 +39,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import transformers  # noqa: E402
 from captum.attr import LayerGradientXActivation  # noqa: E402
-from overhead import (  # noqa: E402
-    interleaved,
-    make_rss_track_live_memory,
-    measure_memory,
-    measure_time,
-)
+from overhead import interleaved, measure_memory, measure_time  # noqa: E402
 
 from captum_gim import LayerGIM  # noqa: E402
+from captum_gim.evaluation.resources import memory_method  # noqa: E402
 
 
 def build(kind: str, width: int, layers: int, seq: int, device: str) -> Tuple[nn.Module, Callable, int]:
@@ -124,8 +121,7 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     # time first, with the allocator as users run it ...
     times = {k: interleaved(methods[k], args.rounds, measure_time, args.device) for k in kinds}
     cpu = {k: interleaved(methods[k], args.rounds, measure_cpu_time, args.device) for k in kinds}
-    # ... then memory, with CPU allocations made visible in RSS (this slows allocation)
-    rss_ok = make_rss_track_live_memory() if args.device == "cpu" else True
+    # ... then memory (PeakMemory changes glibc's allocation policy while it measures)
     mems = {
         k: interleaved(methods[k], max(2, args.rounds // 2), measure_memory, args.device)
         for k in kinds
@@ -169,8 +165,8 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
             f"{r['median_cpu_s']:8.3f} {r['cpu_ratio']:7.2f} {r['peak_mem_mib']:9.1f} "
             f"{r['mem_ratio']:7.2f}"
         )
-    if not rss_ok:
-        print("note: not glibc; CPU memory figures are resident-set growth and only indicative")
+    method = "PeakMemory" if memory_method(torch.device(args.device)) else "not measurable here"
+    print(f"memory: {method} (captum_gim.evaluation.resources), one call per round")
     result = {"settings": vars(args), "rows": rows}
     if args.json:
         with open(args.json, "w") as f:

@@ -4,8 +4,9 @@ Model: a ``torch.nn.TransformerEncoder`` classifier (default 4 layers x 384 wide
 sequence 128). Methods: ``InputXGradient`` (the reference: one forward and one backward),
 ``GIMAttribution`` and ``IntegratedGradients(n_steps=50)``. Each round runs every method
 once in a rotating order. Times are taken first, with the allocator as users run it; then
-memory, as the peak above the pre-call level (CUDA: the allocator's peak; CPU: resident
-set size sampled every millisecond, with glibc told to hand freed blocks back so that RSS
+memory, as the peak above the pre-call level, measured by
+``captum_gim.evaluation.resources.PeakMemory`` (CUDA: the allocator's peak; Linux CPU: the
+kernel's resident-set high-water mark, with glibc handing freed blocks back so that it
 follows live tensors). The report gives medians and ratios to InputXGradient.
 
 Run: ``.venv/bin/python benchmarks/overhead.py [--rounds 5] [--device cpu] [--json out.json]``
@@ -19,8 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
-import time
 from typing import Callable, Dict, List
 
 import torch
@@ -30,6 +29,7 @@ from captum.attr import InputXGradient, IntegratedGradients
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from captum_gim import GIMAttribution  # noqa: E402
+from captum_gim.evaluation.resources import PeakMemory, memory_method, timed  # noqa: E402
 
 
 class EncoderClassifier(nn.Module):
@@ -44,92 +44,18 @@ class EncoderClassifier(nn.Module):
         return self.head(self.norm(self.encoder(x)).mean(1))
 
 
-def make_rss_track_live_memory() -> bool:
-    """Make CPU tensors' memory visible in RSS: glibc serves blocks >= 64 KiB with mmap and
-    returns them to the system on free (a fixed threshold turns off glibc's adaptive one,
-    which would otherwise keep freed tensors in the heap and hide the next call's peak)."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024))
-    except OSError:  # not glibc: RSS figures are then only indicative
-        return False
-
-
-def trim_heap() -> None:
-    try:
-        import ctypes
-        import gc
-
-        gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
-class RSSPeak:
-    """Peak resident set size above the level at entry, sampled in a thread (CPU)."""
-
-    def __init__(self, interval: float = 0.001) -> None:
-        self.interval = interval
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def __enter__(self) -> "RSSPeak":
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def bytes(self) -> int:
-        return self.peak - self.base
-
-
 def measure_time(fn: Callable[[], torch.Tensor], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    del out
-    return dt
+    return timed(fn, torch.device(device))[1]
 
 
 def measure_memory(fn: Callable[[], torch.Tensor], device: str) -> float:
-    """Peak bytes above the level at the call (CUDA allocator peak, or CPU RSS peak)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    """Peak bytes above the level at the call (see ``captum_gim.evaluation.resources``);
+    NaN where no measurement is available."""
+    peak = PeakMemory(torch.device(device))
+    with peak.measure():
         out = fn()
-        torch.cuda.synchronize()
-        mem = torch.cuda.max_memory_allocated() - base
-    else:
-        trim_heap()
-        with RSSPeak() as peak:
-            out = fn()
-        mem = peak.bytes
     del out
-    return float(mem)
+    return float("nan") if peak.peak_bytes is None else float(peak.peak_bytes)
 
 
 def interleaved(
@@ -171,8 +97,7 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
         fn()
     # time first, with the allocator as users run it ...
     times = interleaved(methods, args.rounds, measure_time, args.device)
-    # ... then memory, with CPU allocations made visible in RSS (this slows allocation)
-    rss_ok = make_rss_track_live_memory() if args.device == "cpu" else True
+    # ... then memory (PeakMemory changes glibc's allocation policy while it measures)
     mems = interleaved(methods, max(2, args.rounds // 2), measure_memory, args.device)
 
     names = list(methods)
@@ -203,8 +128,8 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
             f"{row['method']:28s} {row['median_time_s']:9.3f} {row['time_ratio_vs_ixg']:7.2f} "
             f"{row['peak_mem_mib']:9.1f} {row['mem_ratio_vs_ixg']:7.2f}"
         )
-    if not rss_ok:
-        print("note: not glibc; CPU memory figures are resident-set growth and only indicative")
+    method = "PeakMemory" if memory_method(torch.device(args.device)) else "not measurable here"
+    print(f"memory: {method} (captum_gim.evaluation.resources), one call per round")
     result = {"settings": vars(args), "torch": torch.__version__, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
