@@ -3,7 +3,9 @@
 The tutorials are jupytext percent-format scripts (stored without outputs). Each is
 converted to a notebook with jupytext and executed with nbclient in a fresh kernel, in a
 temporary directory (``$CAPTUM_GIM_TUTORIAL_OUT`` points there too, so nothing is
-written into the checkout), with matplotlib's Agg backend.
+written into the checkout), with matplotlib's Agg backend. Any cell error fails the test,
+and so does a GIM warning that a module kept its plain gradient or that the recomputed
+attention did not match the model's.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ WRITES = {
     "text_classification": ("text_classification/gim_vs_ig.html",),
     "vision_digits": ("vision_digits/gim_vs_ig.png", "vision_digits/example0_gim.png"),
     "llm_tiny_llama": ("llm_tiny_llama/token_attr_gim.png", "llm_tiny_llama/token_attr_ig.png"),
+    "pyhealth_ehr": ("pyhealth_ehr/codes_gim_vs_ig.png", "pyhealth_ehr/labs_over_time.png"),
 }
+#: warnings that mean GIM did not do what the tutorial's text says it does
+GIM_WARNINGS = ("UnmatchedModulesWarning", "GIMAttentionMismatchWarning")
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +71,10 @@ def test_tutorial_runs(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert elapsed < LIMIT_S, f"{path.name} took {elapsed:.0f}s (limit {LIMIT_S}s)"
     for rel in WRITES.get(path.stem, ()):
         assert (out / rel).exists(), f"{path.name} did not write {rel}"
-    errors = [
-        o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
-        if o.get("output_type") == "error"
-    ]
+    outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    errors = [o for o in outputs if o.get("output_type") == "error"]
     assert not errors
+    stderr = "".join(
+        o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == "stderr"
+    )
+    assert not any(w in stderr for w in GIM_WARNINGS), stderr[-3000:]

@@ -31,7 +31,6 @@
 # %%
 import os
 import time
-import warnings
 from pathlib import Path
 
 import matplotlib
@@ -44,6 +43,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from captum.attr import LayerIntegratedGradients, LLMGradientAttribution, TextTokenInput
 from captum_gim import LayerGIM
+from captum_gim.adapters.transformers import answer_token_attribution, last_token_logits
 
 torch.manual_seed(0)
 torch.set_num_threads(1)  # tiny models: one thread is fastest, and polite on shared CPUs
@@ -142,10 +142,11 @@ print({tokenizer.convert_ids_to_tokens(int(i)): round(float(p), 3) for p, i in z
 # We skip `<s>` in the display.
 #
 # `LayerGIM` applies GIM's rules to whatever modules of the model the registry matches.
-# With `captum-gim[transformers]` the Hugging Face rules handle Llama's attention
-# (in whichever implementation it was loaded), its `LlamaRMSNorm`s and its gated MLP; the
-# report printed below lists every module each rule matched. Without them, GIM warns
-# which attention and norm modules keep their plain gradient.
+# The Hugging Face rules (registered once `transformers` is imported) handle Llama's
+# attention (in whichever implementation it was loaded), its `LlamaRMSNorm`s and its
+# gated MLP; the report printed below lists every module each rule matched. An attention
+# or norm module that no rule matched would be named in a warning (an error with
+# `strict=True`).
 
 # %%
 target = "rome ."
@@ -153,14 +154,9 @@ inp = TextTokenInput(prompt, tokenizer, skip_tokens=[tokenizer.bos_token_id])
 
 gim = LayerGIM(model, model.get_input_embeddings())
 llm_gim = LLMGradientAttribution(gim, tokenizer)
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    t0 = time.perf_counter()
-    result_gim = llm_gim.attribute(inp, target=target, baselines=tokenizer.pad_token_id)
-    t_gim = time.perf_counter() - t0
-for w in caught:
-    if "GIM rule" in str(w.message):
-        print("warning:", w.message)
+t0 = time.perf_counter()
+result_gim = llm_gim.attribute(inp, target=target, baselines=tokenizer.pad_token_id)
+t_gim = time.perf_counter() - t0
 # LLMGradientAttribution works on a copy of the method; the report is on that copy
 print(llm_gim.attr_method.last_report)
 
@@ -196,20 +192,18 @@ print("wrote", sorted(p.name for p in OUT.glob("*.png")))
 #
 # The paper attributes the *raw logit* of the answer token at the last position (not its
 # log-probability), with one fixed baseline token at every position, and sums over the
-# hidden size. That is `LayerGIM` on a forward function that returns the last position's
-# logits; `model=` tells GIM which module's backward pass to modify, since a lambda is
-# not a module.
+# hidden size. `captum_gim.adapters.transformers.answer_token_attribution` does that in one
+# call: `LayerGIM` on the input embeddings, with `last_token_logits` (the logits at the
+# last position) as the forward function. For Integrated Gradients we give Captum's
+# `LayerIntegratedGradients` that same forward function.
 
 # %%
-def last_logits(input_ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids).logits[:, -1]
-
-
 answer_id = tokenizer.convert_tokens_to_ids("rome")
-paper_gim = LayerGIM(last_logits, model.get_input_embeddings(), model=model)
-scores = paper_gim.attribute(ids, baselines=tokenizer.pad_token_id, target=answer_id)
-scores = scores.sum(-1)[0].detach()  # one score per token, <s> included
-paper_ig = LayerIntegratedGradients(last_logits, model.get_input_embeddings())
+# one score per token, <s> included
+scores = answer_token_attribution(model, ids, answer_id, baseline_token_id=tokenizer.pad_token_id)[0]
+paper_ig = LayerIntegratedGradients(
+    lambda input_ids: last_token_logits(model, input_ids), model.get_input_embeddings()
+)
 scores_ig = paper_ig.attribute(ids, baselines=tokenizer.pad_token_id, target=answer_id, n_steps=32)
 scores_ig = scores_ig.sum(-1)[0].detach()
 print(f"{'token':>8} {'GIM':>8} {'IG':>8}")

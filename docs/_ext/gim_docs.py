@@ -9,7 +9,7 @@ On ``builder-inited`` this extension writes, under ``docs/_generated/`` (ignored
 - ``support_matrix.inc``: the Hugging Face support matrix, from
   ``captum_gim.rules.transformers.SUPPORT_MATRIX``.
 - ``hf_helpers.inc``: the names of ``captum_gim.adapters.transformers`` (the paper-setting
-  helper), when that module exists.
+  helper).
 - ``cli_help.inc``: ``captum-gim --help`` and the help of each subcommand.
 - ``results.inc``: the comparison results, from the output of
   ``captum-gim compare --out docs/results`` (``report.json``, ``table.txt``, the PNG
@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -103,6 +104,25 @@ def _installed(package: Optional[str]) -> bool:
     return package is None or importlib.util.find_spec(package) is not None
 
 
+def _write_toc(section: str, names: Sequence[str]) -> None:
+    """Remove the stale pages of ``_generated/<section>/`` and write ``<section>_toc.inc``."""
+    for stale in (GENERATED / section).glob("*.rst"):
+        if stale.stem not in names:
+            stale.unlink()
+    _write(
+        GENERATED / f"{section}_toc.inc",
+        ".. toctree::\n   :maxdepth: 1\n\n"
+        + "".join(f"   _generated/{section}/{n}\n" for n in names),
+    )
+
+
+def _not_installed_note(need: str, what: str) -> str:
+    return (
+        f".. note::\n\n   {what} needs ``{need}``, which is not installed in the environment "
+        f"these docs were built in (``pip install captum-gim[{need}]``).\n"
+    )
+
+
 def _public_modules() -> List[Tuple[str, Optional[str]]]:
     """The curated modules, then any other public module found in the source tree."""
     mods = [(m, need) for m, need in API_MODULES if _module_file(m) is not None]
@@ -140,8 +160,6 @@ def _attr_docs(modname: str) -> Dict[str, List[str]]:
 def _defining_comment(
     name: str, obj: Any, attr_docs: Dict[str, Dict[str, List[str]]]
 ) -> Optional[List[str]]:
-    import sys
-
     for other, mod in list(sys.modules.items()):
         if not other.startswith("captum_gim") or getattr(mod, name, None) is not obj:
             continue
@@ -184,6 +202,11 @@ def _directive(obj: Any) -> Tuple[str, List[str]]:
     return "autodata", [":no-value:"]
 
 
+def _shared(obj: Any) -> bool:
+    """Whether a second name for ``obj`` is the same object (a link, not a new entry)."""
+    return not isinstance(obj, (str, int, float, bool, type(None)))
+
+
 #: Public variables with no doc comment, found while generating (reported by the build).
 UNDOCUMENTED: List[str] = []
 
@@ -201,9 +224,7 @@ def _api_pages() -> List[str]:
                 path,
                 _title(f"``{modname}``")
                 + f"\n.. py:module:: {modname}\n\n"
-                + f".. note::\n\n   This module needs ``{need}``, which is not installed in "
-                + f"the environment these docs were built in "
-                + f"(``pip install captum-gim[{need}]``).\n",
+                + _not_installed_note(need, "This module"),
             )
             continue
         module = importlib.import_module(modname)  # an import error fails the build
@@ -215,10 +236,8 @@ def _api_pages() -> List[str]:
             "   import torch",
             f"   from {modname} import *\n" if names else "",
             f".. automodule:: {modname}",
-            "   :no-members:\n",
+            "   :no-members:\n" if hasattr(module, "__all__") else "   :members:\n",
         ]
-        if not hasattr(module, "__all__"):
-            lines[-1] = "   :members:\n"
         seen_here = []
         for name in names:
             if name == "__version__":
@@ -230,7 +249,7 @@ def _api_pages() -> List[str]:
                 seen_here.append(f"- ``{name}``: the module :py:mod:`{obj.__name__}`")
                 continue
             key = id(obj)
-            if key in documented and not isinstance(obj, (str, int, float, bool, type(None))):
+            if key in documented and _shared(obj):
                 seen_here.append(f"- ``{name}``: see :py:obj:`{documented[key]}`")
                 continue
             directive, options = _directive(obj)
@@ -249,21 +268,14 @@ def _api_pages() -> List[str]:
                 lines.append(f".. {directive}:: {modname}.{name}")
                 lines.extend(f"   {o}" for o in options)
                 lines.append("")
-            if not isinstance(obj, (str, int, float, bool, type(None))):
+            if _shared(obj):
                 documented[key] = f"{modname}.{name}"
         if seen_here:
             lines.append(".. rubric:: Also available here\n")
             lines.extend(seen_here)
             lines.append("")
         _write(path, "\n".join(lines))
-    for stale in (GENERATED / "api").glob("*.rst"):
-        if stale.stem not in pages:
-            stale.unlink()
-    _write(
-        GENERATED / "api_toc.inc",
-        ".. toctree::\n   :maxdepth: 1\n\n"
-        + "".join(f"   _generated/api/{m}\n" for m in pages),
-    )
+    _write_toc("api", pages)
     return pages
 
 
@@ -277,24 +289,11 @@ def _cell(text: str) -> str:
 def support_matrix_rst() -> str:
     r"""The Hugging Face support matrix as reStructuredText, from the rules module's data."""
     modname = "captum_gim.rules.transformers"
-    if _module_file(modname) is None:
-        return (
-            ".. note::\n\n   Hugging Face rules not installed: ``captum_gim.rules.transformers`` "
-            "is not part of this build, so there is no support matrix to show.\n"
-        )
     if not _installed("transformers"):
-        return (
-            ".. note::\n\n   Hugging Face rules not installed: these docs were built without "
-            "``transformers`` (``pip install captum-gim[transformers]``).\n"
-        )
-    module = importlib.import_module(modname)
-    matrix = getattr(module, "SUPPORT_MATRIX", None)
-    if not isinstance(matrix, dict):
-        return (
-            ".. note::\n\n   ``captum_gim.rules.transformers`` has no ``SUPPORT_MATRIX`` "
-            "(family -> attention implementation -> dtype -> status) to build the table from.\n"
-        )
+        return _not_installed_note("transformers", "The Hugging Face support matrix")
     import transformers
+
+    matrix = importlib.import_module(modname).SUPPORT_MATRIX
 
     dtypes: List[str] = []
     impls_all: List[str] = []
@@ -354,14 +353,8 @@ def support_matrix_rst() -> str:
 
 def hf_helpers_rst() -> str:
     modname = "captum_gim.adapters.transformers"
-    if _module_file(modname) is None:
-        return (
-            ".. note::\n\n   The one-call helper for the paper's setting "
-            "(``captum_gim.adapters.transformers``) is not part of this build yet; the "
-            "``LayerGIM`` recipe above is what it does.\n"
-        )
     if not _installed("transformers"):
-        return ".. note::\n\n   ``captum_gim.adapters.transformers`` needs ``transformers``.\n"
+        return _not_installed_note("transformers", f"``{modname}``")
     module = importlib.import_module(modname)
     names = [n for n in getattr(module, "__all__", []) if not n.startswith("_")]
     lines = [f"The helpers in :py:mod:`{modname}`:\n"]
@@ -376,8 +369,6 @@ def hf_helpers_rst() -> str:
 
 
 def cli_help_rst() -> str:
-    if _module_file("captum_gim.cli") is None:
-        return ".. note::\n\n   The ``captum-gim`` command is not part of this build yet.\n"
     import argparse
 
     from captum_gim.cli import build_parser
@@ -490,14 +481,7 @@ def tutorials() -> List[str]:
             f"``jupytext --to notebook tutorials/{path.name}``.\n\n"
             f".. literalinclude:: ../../../tutorials/{path.name}\n   :language: python\n",
         )
-    for stale in (GENERATED / "tutorials").glob("*.rst"):
-        if stale.stem not in names:
-            stale.unlink()
-    _write(
-        GENERATED / "tutorials_toc.inc",
-        ".. toctree::\n   :maxdepth: 1\n\n"
-        + "".join(f"   _generated/tutorials/{n}\n" for n in names),
-    )
+    _write_toc("tutorials", names)
     return names
 
 
