@@ -25,17 +25,10 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 from torch import nn
 
 from .config import GIMConfig
+from .errors import UnmatchedModulesError, UnmatchedModulesWarning
 from .registry import Handle, Match, Plan, RuleRegistry, combine_handles, default_registry
 
 __all__ = ["gim_backward", "GIMReport", "UnmatchedModulesError", "UnmatchedModulesWarning"]
-
-
-class UnmatchedModulesError(RuntimeError):
-    """Strict mode: the model has attention- or norm-like modules that no rule matches."""
-
-
-class UnmatchedModulesWarning(UserWarning):
-    """Non-strict mode: some attention- or norm-like modules keep their plain gradient."""
 
 
 @dataclass

@@ -36,7 +36,7 @@ PY=$(find_python) || {
     exit 1
 }
 
-KEY=$( (cat requirements/dev.txt; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
+KEY=$( (cat requirements/dev.txt requirements/dev-nodeps.txt; "$PY" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-16)
 CACHE="${CAPTUM_GIM_VENV_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/captum-gim/venvs}"
 VENV="$CACHE/py312-$KEY"
 
@@ -47,6 +47,7 @@ if [ ! -f "$VENV/.complete" ]; then
     "$PY" -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip >&2 || true
     "$VENV/bin/python" -m pip install -q -r requirements/dev.txt >&2
+    "$VENV/bin/python" -m pip install -q --no-deps -r requirements/dev-nodeps.txt >&2
     touch "$VENV/.complete"
 fi
 
