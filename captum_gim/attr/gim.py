@@ -18,8 +18,15 @@ from captum.attr._utils.attribution import GradientAttribution
 from captum.attr._utils.common import _format_input_baseline, _validate_input
 from captum.log import log_usage
 
+from ..config import GIMConfig
 from ..registry import RuleRegistry
-from ._common import GIMSettings, check_float_inputs, checked_forward
+from ._common import (
+    GIMSettings,
+    check_float_inputs,
+    check_target_form,
+    checked_forward,
+    make_config,
+)
 
 __all__ = ["GIMAttribution"]
 
@@ -56,6 +63,9 @@ class GIMAttribution(GIMSettings, GradientAttribution):
         strict (bool): raise if the model has attention- or norm-like modules that no
             rule matches (default False: warn once).
         registry (RuleRegistry, optional): rules to use instead of the default registry.
+        config (GIMConfig, optional): the four settings above as one object (then leave
+            those keywords at their defaults). Built once here either way, and read back
+            through :attr:`config` (``.temperature`` etc. read it too).
     """
 
     def __init__(
@@ -63,19 +73,24 @@ class GIMAttribution(GIMSettings, GradientAttribution):
         forward_func: Callable[..., Tensor],
         model: Optional[nn.Module] = None,
         *,
-        temperature: float = 2.0,
-        freeze_norms: bool = True,
-        divide_grads: bool = True,
+        temperature: float = GIMConfig.temperature,
+        freeze_norms: bool = GIMConfig.freeze_norms,
+        divide_grads: bool = GIMConfig.divide_grads,
         multiply_by_inputs: bool = True,
-        keep_norm_mean: bool = True,
+        keep_norm_mean: bool = GIMConfig.keep_norm_mean,
         strict: bool = False,
         registry: Optional[RuleRegistry] = None,
+        config: Optional[GIMConfig] = None,
     ) -> None:
-        GradientAttribution.__init__(self, forward_func)
-        self._init_gim(
-            forward_func, model, temperature, freeze_norms, divide_grads, keep_norm_mean,
-            strict, registry,
+        settings = make_config(
+            config,
+            temperature=temperature,
+            freeze_norms=freeze_norms,
+            divide_grads=divide_grads,
+            keep_norm_mean=keep_norm_mean,
         )
+        GradientAttribution.__init__(self, forward_func)
+        self._init_gim(forward_func, model, settings, strict, registry)
         self._multiply_by_inputs = multiply_by_inputs
 
     @log_usage(part_of_slo=True)
@@ -118,7 +133,9 @@ class GIMAttribution(GIMSettings, GradientAttribution):
         """
         is_inputs_tuple = _is_tuple(inputs)
         inputs_tuple, baselines_tuple = _format_input_baseline(inputs, baselines)
-        check_float_inputs(inputs_tuple, type(self).__name__)
+        method = type(self).__name__
+        check_float_inputs(inputs_tuple, method)
+        check_target_form(target, inputs_tuple[0].shape[0])
         _validate_input(inputs_tuple, baselines_tuple)
         additional_forward_args = _format_additional_forward_args(additional_forward_args)
 
@@ -127,7 +144,7 @@ class GIMAttribution(GIMSettings, GradientAttribution):
             with self.scope() as report:
                 self.last_report = report
                 gradients = self.gradient_func(
-                    checked_forward(self.forward_func, target),
+                    checked_forward(self.forward_func, target, method),
                     inputs_tuple,
                     target,
                     additional_forward_args,
