@@ -127,7 +127,7 @@ _CASTS = {
 _VIEWS = {
     "view", "reshape", "view_as", "reshape_as", "expand", "expand_as", "unsqueeze",
     "squeeze", "flatten", "unflatten", "transpose", "permute", "t", "__getitem__",
-    "movedim", "swapaxes", "narrow",
+    "movedim", "swapaxes", "narrow", "T", "mT", "H", "mH",
 }
 _NORM_PASS = _CASTS | _VIEWS
 _SQUARES = {"pow", "__pow__", "square", "float_power"}
@@ -143,6 +143,7 @@ _REDUCTIONS = {
     "var_mean", "std_mean", "prod", "argmax", "argmin", "all", "any", "nansum", "nanmean",
 }
 
+_ATTR_VIEWS = {"T", "mT", "H", "mH", "data"}
 _NAME_OWNERS = ("TensorBase.", "Tensor.", "_VariableFunctionsClass.")
 _NAME_MODULES = {
     "torch", "torch.functional", "torch.nn.functional", "torch._C._nn", "torch.special",
@@ -162,6 +163,11 @@ def canonical_name(func: Callable[..., Any]) -> Optional[str]:
     except TypeError:  # unhashable
         return None
     name = getattr(func, "__name__", None)
+    if name == "__get__":  # attribute views: x.T, x.mT (shape, dtype...: not looked at)
+        attr = getattr(getattr(func, "__self__", None), "__name__", None)
+        out = attr if attr in _ATTR_VIEWS else None
+        _names[func] = out
+        return out
     qual = getattr(func, "__qualname__", "") or ""
     mod = getattr(func, "__module__", None)
     ok = isinstance(name, str) and name != "__get__" and (
