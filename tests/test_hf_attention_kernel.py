@@ -20,6 +20,7 @@ from torch import Tensor
 
 from test_hf_helpers import tb_attention_heads
 
+import captum_gim.ops.attention as gim_ops_attention
 import captum_gim.rules.transformers as R
 
 
@@ -61,7 +62,7 @@ def _run(attention, q, k, v, bias, g_out, g_w):
 
 def _compare(q, k, v, bias, keep, sem, T=2.0, divide=True, with_weights=False, chunk=None, monkeypatch=None):
     if chunk is not None:
-        monkeypatch.setattr(R, "_BACKWARD_CHUNK_BYTES", chunk)
+        monkeypatch.setattr(gim_ops_attention, "_BACKWARD_CHUNK_BYTES", chunk)
     scope = R._AttentionScope(T, divide)
     g = torch.Generator().manual_seed(9)
     B, Hq, L, D = q.shape
