@@ -49,8 +49,6 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
-import warnings
-import weakref
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from types import FrameType, SimpleNamespace
@@ -63,10 +61,12 @@ from torch.overrides import TorchFunctionMode
 
 from .._coverage import current_rule
 from ..config import GIMConfig
-from ..errors import UncoveredOperationError, UncoveredOperationWarning
 from ..ops import frozen_layer_norm, frozen_rms_norm, gim_attention, tsg_softmax
 from ..registry import Handle
 from .functional_detect import AttentionEvent, Provenance, canonical_name
+from .functional_detect import Entry as _Entry
+from .functional_detect import Where as _Where
+from .functional_detect import report as _report
 from .torch_nn import gim_multihead_attention_forward
 
 __all__ = ["install_functional", "ActiveScopeLike", "COVERED_OPS"]
@@ -89,22 +89,6 @@ COVERED_OPS = (
 )
 
 _STATE: ContextVar[Optional["_CallState"]] = ContextVar("captum_gim_functional", default=None)
-
-
-@dataclass
-class _Where:
-    path: str
-    class_name: str
-    scope: Any
-    ignored: Optional[str] = None
-
-
-@dataclass
-class _Entry:
-    where: _Where
-    op: str
-    cover: str
-    reason: str = ""
 
 
 @dataclass
@@ -503,64 +487,6 @@ def _sub_post(key: object, module: nn.Module, args: Any, result: Any) -> None:
         if st.path[i][0] is key and st.path[i][2] is module:
             del st.path[i:]
             return
-
-
-# -- reporting ---------------------------------------------------------------------------
-
-_warned: Set[Tuple[Any, ...]] = set()
-_warned_lock = threading.Lock()
-
-
-def _describe(entries: List[_Entry]) -> str:
-    return "\n".join(
-        f"  - '{e.where.path or '<root>'}' ({e.where.class_name}): {e.op}"
-        + (f" [{e.reason}]" if e.reason else "")
-        for e in entries
-    )
-
-
-def _message(root: nn.Module, entries: List[_Entry], strict: bool) -> str:
-    classes = sorted({e.where.class_name for e in entries})
-    head = (
-        f"GIM: these normalisation / attention operations ran in the forward pass of "
-        f"{type(root).__name__} with no rule and no exact functional cover, so they "
-        f"{'would keep' if strict else 'keep'} their plain gradient:\n"
-    )
-    return head + _describe(entries) + (
-        "\nCover them with a rule for the module class (captum_gim.register_rule; see the "
-        "'writing your own rule' guide), or mark the class as needing none "
-        f"(registry.ignore({classes[0]})), "
-        + ("or pass strict=False to go on with a warning." if strict else
-           "or pass strict=True to make this an error.")
-    )
-
-
-def _report(root: nn.Module, entries: List[_Entry], raise_errors: bool) -> None:
-    seen: Set[Tuple[int, str, str, str]] = set()
-    uncovered: Dict[int, Tuple[Any, List[_Entry]]] = {}
-    for e in entries:
-        w = e.where
-        k = (id(w.scope), w.path, e.op, e.cover)
-        if k in seen:
-            continue
-        seen.add(k)
-        record = getattr(w.scope, "record", None)
-        if record is not None:
-            record(w.path, w.class_name, e.op, e.cover)
-        if e.cover == "none":
-            uncovered.setdefault(id(w.scope), (w.scope, []))[1].append(e)
-    if not raise_errors:
-        return
-    for scope, items in uncovered.values():
-        if getattr(scope, "strict", False):
-            raise UncoveredOperationError(_message(root, items, True))
-    for scope, items in uncovered.values():
-        wkey = (type(root).__qualname__, tuple((e.where.path, e.op, e.reason) for e in items))
-        with _warned_lock:
-            if wkey in _warned:
-                continue
-            _warned.add(wkey)
-        warnings.warn(_message(root, items, False), UncoveredOperationWarning, stacklevel=3)
 
 
 # -- the entry point -----------------------------------------------------------------------
