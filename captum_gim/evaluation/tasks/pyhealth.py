@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from .synthetic import KINDS, training_kinds
-from .tasks import CacheKey, Example, Task, cache_dir, frozen, load_cached, save_cached, softmax_score
+from ..types import Example, Task, softmax_score
+from ._common import CacheKey, cache_dir, frozen, load_cached, save_cached
 
 __all__ = ["PyHealthSettings", "ehr_samples", "pyhealth_task"]
 

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .tasks import CacheKey, Example, Task, cache_dir, frozen, load_cached, save_cached, softmax_score
+from ..types import Example, Task, softmax_score
+from ._common import CacheKey, cache_dir, frozen, load_cached, save_cached
 
 __all__ = [
     "SyntheticSettings",
