@@ -325,3 +325,41 @@ def test_torchvision_vision_transformer():
     assert ("encoder.layers.encoder_layer_0.self_attention", "MultiheadAttention",
             "multi_head_attention_forward", "functional:multi_head_attention_forward") in scope.records
     assert all(r[3] != "none" for r in scope.records)
+
+
+# --- Hugging Face, by computation only ----------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_llama_functional_equals_the_hf_rules(impl):
+    """With no rule at all, a tiny Llama (GQA, RMSNorm written out, SwiGLU) gets the same
+    GIM gradient as the Hugging Face rules give it."""
+    transformers = pytest.importorskip("transformers")
+    from captum_gim import gim_backward
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+        attn_implementation=impl,
+    )
+    m = transformers.LlamaForCausalLM(cfg).to(DT).eval()
+    emb = m.model.embed_tokens(torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))).detach()
+
+    def grad() -> Tensor:
+        e = emb.clone().requires_grad_(True)
+        return torch.autograd.grad(m(inputs_embeds=e).logits[:, -1, 3].sum(), e)[0]
+
+    with gim_backward(m):
+        g_rules = grad()
+    scope = Scope()
+    h = install_functional(m, lambda: scope)
+    g_fun = grad()
+    h.remove()
+    g0 = grad()
+    assert (g_fun - g_rules).abs().max().item() < (1e-12 if impl == "sdpa" else 1e-6)
+    assert rel(g0, g_rules) > 1e-2
+    covers = {(c, cov) for _p, c, _op, cov in scope.records}
+    assert ("LlamaRMSNorm", "functional:hand-written-norm") in covers
+    assert ("LlamaMLP", "functional:gated-mlp") in covers

@@ -409,3 +409,54 @@ def test_ops_inside_a_rule_are_left_to_it():
     _, g0 = ref_grads(fn, (x,))
     close(g, g0, 1e-12)
     assert scope.records == [("", "Call", "layer_norm", "rule:my-rule")]
+
+
+# --- gated MLPs ---------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fused = fused
+        self.gate_up = nn.Linear(6, 16, bias=False).double()
+        self.down = nn.Linear(8, 6, bias=False).double()
+
+    def forward(self, x):
+        if self.fused:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+        else:
+            w_g, w_u = self.gate_up.weight.chunk(2, dim=0)
+            gate, up = x @ w_g.T, F.linear(x, w_u)
+        return self.down(F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("divide", [True, False])
+def test_gated_mlp_branches_halved(fused, divide):
+    mlp = SwiGLU(fused)
+    x = torch.randn(3, 6, dtype=DT, generator=torch.Generator().manual_seed(1))
+    scope = Scope(GIMConfig(divide_grads=divide))
+    out, g = grads(mlp, (x,), scope)
+    s = 0.5 if divide else 1.0
+
+    def ref(x):
+        gate, up = F.linear(x, mlp.gate_up.weight).chunk(2, dim=-1)
+        return mlp.down(ref_scale(F.silu(gate), s) * ref_scale(up, s))
+
+    _, rg = ref_grads(ref, (x,))
+    assert torch.equal(out, mlp(x))
+    close(g, rg)
+    assert scope.records == [("", "SwiGLU", "gated product", "functional:gated-mlp")]
+
+
+def test_elementwise_gating_of_a_non_linear_tensor_is_left_alone():
+    """x * sigmoid(x) (SiLU written out) and an attention output gate are not gated MLPs."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 6).double()
+    x = torch.randn(3, 6, dtype=DT)
+    model = Call(lambda x: (x * torch.sigmoid(x)) * torch.sigmoid(lin(x)))
+    model.lin = lin
+    _, g = grads(model, (x,), Scope())
+    _, g0 = ref_grads(model, (x,))
+    close(g, g0, 1e-12)

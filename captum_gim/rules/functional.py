@@ -208,6 +208,8 @@ class _CallState:
                     reason="a root of a mean of squares or a variance that does not multiply "
                     "or divide the tensor it was computed from, so it is left unfrozen",
                 )
+        for w in self.prov.gated:
+            self.note("gated product", "functional:gated-mlp", where=w)
         self.prov.clear()
         return self.entries
 

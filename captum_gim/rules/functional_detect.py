@@ -108,7 +108,10 @@ class NormEvent:
 
 
 # tag kinds
-_SCORE, _PROBS, _SQ, _SQSUM, _MEAN, _STAT, _ROOT, _CENTERED = range(8)
+_SCORE, _PROBS, _SQ, _SQSUM, _MEAN, _STAT, _ROOT, _CENTERED, _LIN, _ACT = range(10)
+#: activations of gated MLPs (SwiGLU, GeGLU, ReGLU, sigmoid GLU)
+_GLU_ACTS = {"silu", "gelu", "relu", "sigmoid", "mish", "silu_", "relu_"}
+_SPLITS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
 
 
 @dataclass
@@ -228,6 +231,7 @@ class Provenance:
         self._tags: Dict[int, Tuple["weakref.ref[Tensor]", _Tag]] = {}
         self.attention: List[AttentionEvent] = []
         self.norms: List[NormEvent] = []
+        self.gated: List[Any] = []  # where each gated product ran
         self.freeze = True
 
     # -- the map -----------------------------------------------------------------------
@@ -289,10 +293,18 @@ class Provenance:
                 out = func(args[0], _deferred(args[1], cell, False), **kwargs)
                 self.set_tag(out, _Tag(kind=_CENTERED, src=m.src, data=cell))
                 return out
+        if name in ("mul", "__mul__", "multiply") and len(args) == 2:
+            kinds = {getattr(self.tag(a), "kind", None) for a in args}
+            if kinds == {_LIN, _ACT}:  # act(gate(x)) * up(x): both branches x1/2
+                self.gated.append(self.where())
+                f = 0.5 if divide else 1.0
+                return func(scale_grad(args[0], f), scale_grad(args[1], f), **kwargs)
         out = func(*args, **kwargs)
         ins = _tensors(args, kwargs)
         if isinstance(out, Tensor):
-            tag = self._norm_tag(name, args, kwargs, ins)
+            tag = self._branch_tag(name, args, ins)
+            if tag is None:
+                tag = self._norm_tag(name, args, kwargs, ins)
             if tag is None:
                 tag = self._generic_tag(name, ins, out)
             elif tag.kind == _ROOT and isinstance(tag.data, str):
@@ -301,6 +313,24 @@ class Provenance:
         elif isinstance(out, (tuple, list)):
             out = self._tag_many(name, args, kwargs, out, ins)
         return out
+
+    def _branch_tag(self, name: str, args: Tuple[Any, ...], ins: List[Tensor]) -> Optional[_Tag]:
+        """Gated-MLP branches: a linear map of a hidden state (``_LIN``), an activation of
+        one (``_ACT``), followed through views."""
+        if not ins:
+            return None
+        if name == "linear" and len(ins) >= 2:
+            x, w = ins[0], ins[1]
+            if self.is_const(w) and not self.is_const(x):
+                return _Tag(kind=_LIN)
+            return None
+        tx = self.tag(args[0]) if args else None
+        kind = tx.kind if tx is not None else None
+        if kind == _LIN and name in _GLU_ACTS:
+            return _Tag(kind=_ACT)
+        if kind in (_LIN, _ACT) and name in _VIEWS:
+            return _Tag(kind=kind)
+        return None
 
     def _new_root(self, out: Tensor, tag: _Tag) -> Tuple[Tensor, _Tag]:
         """A root of a statistic: wrapped so that it can become a backward constant."""
@@ -343,6 +373,8 @@ class Provenance:
         if tx is not None and tx.const:
             return None
         kind = tx.kind if tx is not None else None
+        if kind in (_LIN, _ACT):
+            kind = None
         second = args[1] if len(args) > 1 else None
         if kind in (_SQ, _SQSUM, _MEAN, _STAT, _ROOT, _CENTERED) and name in _NORM_PASS:
             return _Tag(kind=kind, src=tx.src, data=tx.data,
@@ -425,6 +457,11 @@ class Provenance:
             self.set_tag(first, tag)
             self.set_tag(mean, _Tag(kind=_MEAN, src=self.base(x)))
             return (first, mean)
+        if name in _SPLITS and args and getattr(self.tag(args[0]), "kind", None) == _LIN:
+            for o in out:  # a fused gate_up projection, chunked
+                if isinstance(o, Tensor):
+                    self.set_tag(o, _Tag(kind=_LIN))
+            return out
         for o in out:
             if isinstance(o, Tensor):
                 tg = self._generic_tag(name, ins, o)
@@ -466,8 +503,12 @@ class Provenance:
             f = 0.5 if divide else 1.0
             new = rebuild(a, scale_grad(b, f)) if pa else rebuild(scale_grad(a, f), b)
             return func(*new, **kwargs)
-        if (ta is not None and ta.const) or (tb is not None and tb.const):
-            return self._plain(func, args, kwargs)
+        ca, cb = ta is not None and ta.const, tb is not None and tb.const
+        if ca or cb:  # a weight matrix: a linear map (both constant: a constant)
+            out = func(*args, **kwargs)
+            if isinstance(out, Tensor):
+                self.set_tag(out, _CONST if ca and cb else _Tag(kind=_LIN))
+            return out
         # two hidden-state operands: attention scores if a softmax takes them; the operands'
         # gradient factor (1/4 for q and k) is decided there
         cell = _Cell()
