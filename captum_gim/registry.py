@@ -40,10 +40,11 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 from torch import nn
 
+from ._patching import Handle, combine_handles, replace_forward
 from .config import GIMConfig
 
 __all__ = [
@@ -62,66 +63,6 @@ __all__ = [
 
 #: The kinds of rules; each kind is switched on by one field of :class:`GIMConfig`.
 RULE_KINDS = ("attention", "norm", "gated_mlp", "model", "passthrough")
-
-
-class Handle:
-    r"""Undoes one change to one module. ``remove()`` is idempotent."""
-
-    def __init__(self, undo: Callable[[], None]) -> None:
-        self._undo: Optional[Callable[[], None]] = undo
-
-    def remove(self) -> None:
-        undo, self._undo = self._undo, None
-        if undo is not None:
-            undo()
-
-    def __enter__(self) -> "Handle":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-
-class _HandleList(Handle):
-    def __init__(self, handles: Sequence[Handle]) -> None:
-        self._handles = list(handles)
-        super().__init__(self._remove_all)
-
-    def _remove_all(self) -> None:
-        errors: List[BaseException] = []
-        for h in reversed(self._handles):
-            try:
-                h.remove()
-            except BaseException as e:  # keep undoing the rest
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-
-_NO_FORWARD = object()
-
-
-def replace_forward(module: nn.Module, forward: Callable[..., object]) -> Handle:
-    r"""Make ``module(...)`` call ``forward`` instead of its own ``forward``.
-
-    The replacement is an attribute of this one instance (never of its class); the returned
-    handle restores exactly what was there before (including an instance-level ``forward``
-    that someone else had set, e.g. by accelerate). Hooks registered on the module keep
-    working, because ``nn.Module.__call__`` still runs them around ``self.forward``.
-    """
-    previous = module.__dict__.get("forward", _NO_FORWARD)
-    object.__setattr__(module, "forward", forward)
-
-    def undo() -> None:
-        if module.__dict__.get("forward", _NO_FORWARD) is not forward:
-            # someone replaced our replacement; leave theirs, but never leak ours
-            return
-        if previous is _NO_FORWARD:
-            del module.__dict__["forward"]
-        else:
-            object.__setattr__(module, "forward", previous)
-
-    return Handle(undo)
 
 
 def _enabled_by_default(kind: str, config: GIMConfig) -> bool:
@@ -256,6 +197,8 @@ class RuleRegistry:
         self._rules: List[Rule] = []
         self._ignored: List[Union[Type[nn.Module], Callable[[nn.Module], bool]]] = []
         self._lock = threading.RLock()
+        #: bumped by every change of the rules or the ignored classes (plans cache on it)
+        self.version = 0
         for r in rules:
             self.register(r, first=False)
 
@@ -300,11 +243,13 @@ class RuleRegistry:
                 self._rules.insert(0, rule)
             else:
                 self._rules.append(rule)
+            self.version += 1
 
         def undo() -> None:
             with self._lock:
                 if rule in self._rules:
                     self._rules.remove(rule)
+                    self.version += 1
 
         return Handle(undo)
 
@@ -312,11 +257,13 @@ class RuleRegistry:
         r"""Tell strict mode that modules of this type (or passing this predicate) need no rule."""
         with self._lock:
             self._ignored.append(what)
+            self.version += 1
 
         def undo() -> None:
             with self._lock:
                 if what in self._ignored:
                     self._ignored.remove(what)
+                    self.version += 1
 
         return Handle(undo)
 
@@ -397,8 +344,3 @@ def register_rule(
     return (registry if registry is not None else default_registry).register(
         rule, first=first, replace=replace
     )
-
-
-def combine_handles(handles: Sequence[Handle]) -> Handle:
-    r"""One handle that removes several, in reverse order, even if one of them fails."""
-    return _HandleList(handles)

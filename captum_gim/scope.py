@@ -19,14 +19,18 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
+import torch
 from torch import nn
 
+from . import _context
+from ._patching import Handle, acquire, combine_handles, install_rule
 from .config import GIMConfig
 from .errors import UnmatchedModulesError, UnmatchedModulesWarning
-from .registry import Handle, Match, Plan, RuleRegistry, combine_handles, default_registry
+from .registry import Plan, RuleRegistry, default_registry
 
 __all__ = ["gim_backward", "GIMReport", "UnmatchedModulesError", "UnmatchedModulesWarning"]
 
@@ -42,12 +46,15 @@ class GIMReport:
         unmatched (list of (module name, class name)): attention- or norm-like modules
             that no rule matched (they keep their plain gradient).
         notes (list of str): what rules had to say (e.g. softmaxes deliberately left alone).
+        coverage (list of (module path, class name, op, cover)): the normalisations and
+            attention softmaxes the functional layer saw run, and what covered each.
     """
 
     config: GIMConfig
     matches: List[Tuple[str, str, str, bool]] = field(default_factory=list)
     unmatched: List[Tuple[str, str]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
+    coverage: List[Tuple[str, str, str, str]] = field(default_factory=list)
 
     def by_rule(self, installed_only: bool = False) -> Dict[str, List[str]]:
         """Module names grouped by the rule that matched them."""
@@ -85,17 +92,42 @@ def _unmatched_message(plan: Plan) -> str:
     )
 
 
+def _warn_once(key: Any, message: str, category: type = UnmatchedModulesWarning) -> None:
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, category, stacklevel=5)
+
+
 def _check_unmatched(model: nn.Module, plan: Plan, strict: bool) -> None:
     if not plan.unmatched:
         return
     if strict:
         raise UnmatchedModulesError(_unmatched_message(plan))
-    key = (type(model).__qualname__, tuple(plan.unmatched))
-    with _warned_lock:
-        if key in _warned:
-            return
-        _warned.add(key)
-    warnings.warn(_unmatched_message(plan), UnmatchedModulesWarning, stacklevel=4)
+    _warn_once((type(model).__qualname__, tuple(plan.unmatched)), _unmatched_message(plan))
+
+
+def _scripted(model: nn.Module) -> List[str]:
+    """Names of the TorchScript (scripted or traced) modules of ``model``."""
+    script = getattr(torch.jit, "ScriptModule", ())
+    return [n or "<root>" for n, m in model.named_modules() if isinstance(m, script)]
+
+
+def _check_scripted(model: nn.Module, strict: bool) -> None:
+    names = _scripted(model)
+    if not names:
+        return
+    message = (
+        f"GIM cannot modify the backward pass of TorchScript modules ({', '.join(names[:5])}"
+        f"{' ...' if len(names) > 5 else ''}): a scripted or traced graph runs none of the "
+        "Python forwards, hooks or function modes GIM works through, so its gradient would "
+        "be the plain gradient. Attribute the original Python module instead (before "
+        "torch.jit.script / torch.jit.trace)."
+    )
+    if strict:
+        raise UnmatchedModulesError(message)
+    _warn_once(("script", type(model).__qualname__, tuple(names)), message)
 
 
 def _report(plan: Plan, config: GIMConfig) -> GIMReport:
@@ -109,6 +141,55 @@ def _report(plan: Plan, config: GIMConfig) -> GIMReport:
     return report
 
 
+# ---------------------------------------------------------------------------------------
+# Plans, cached per model and registry (invalidated when the modules or rules change)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cached:
+    model: "weakref.ReferenceType[nn.Module]"
+    fingerprint: Tuple[Any, ...]
+    plan: Plan
+    modules: frozenset
+
+
+_plan_lock = threading.Lock()
+_PLANS: Dict[Tuple[int, int], _Cached] = {}
+
+
+def _fingerprint(model: nn.Module, registry: RuleRegistry) -> Tuple[Any, ...]:
+    mods = tuple((id(m), type(m)) for m in model.modules())
+    cfg = getattr(model, "config", None)
+    impl = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
+    return (registry.version, len(registry), impl, mods)
+
+
+def _plan(model: nn.Module, registry: RuleRegistry) -> Tuple[Plan, frozenset]:
+    key = (id(model), id(registry))
+    fp = _fingerprint(model, registry)
+    with _plan_lock:
+        hit = _PLANS.get(key)
+        if hit is not None and hit.model() is model and hit.fingerprint == fp:
+            return hit.plan, hit.modules
+    plan = registry.plan(model)
+    modules = frozenset(i for i, _t in fp[-1])
+    with _plan_lock:
+        if len(_PLANS) > 256:  # models that are gone
+            for k in [k for k, v in _PLANS.items() if v.model() is None]:
+                del _PLANS[k]
+        _PLANS[key] = _Cached(weakref.ref(model), fp, plan, modules)
+    return plan, modules
+
+
+def _functional_installer() -> Optional[Any]:
+    try:
+        from .rules.functional import install_functional
+    except (ImportError, AttributeError):
+        return None
+    return install_functional
+
+
 @contextlib.contextmanager
 def gim_backward(
     model: nn.Module,
@@ -119,15 +200,21 @@ def gim_backward(
     keep_norm_mean: bool = True,
     strict: bool = False,
     registry: Optional[RuleRegistry] = None,
+    config: Optional[GIMConfig] = None,
 ) -> Iterator[GIMReport]:
     r"""Give ``model`` GIM's backward pass inside the ``with`` block; restore it on exit.
 
     Inside the block any gradient computed through ``model`` (Captum's ``Saliency``,
     ``InputXGradient``, ``IntegratedGradients``, ``GradientShap``, ``NoiseTunnel``... or a
-    plain ``backward()``) is a GIM gradient. Forward outputs do not change. Only this
-    model instance is changed (other instances of the same class, other threads' models
-    and ``torch`` itself are untouched), and every change is undone on exit, also when
-    the block raises (including ``KeyboardInterrupt``). Scopes nest.
+    plain ``backward()``) is a GIM gradient. Forward outputs do not change.
+
+    The scope belongs to this model in this execution context (thread or asyncio task):
+    the rules are installed once per module instance, shared by every open scope and
+    undone when the last one leaves, and what they compute is chosen at call time from the
+    settings of the innermost scope open on this model in the calling context. Another
+    thread using the same model at the same moment gets the plain gradient (or its own
+    scope's settings). Scopes nest and may be exited in any order; when the last one
+    exits, the model is exactly as before, also when the block raises.
 
     Args:
         model (nn.Module): the model whose backward pass is modified.
@@ -136,10 +223,12 @@ def gim_backward(
         divide_grads (bool): q,k x1/4, v x1/2, gated-MLP branches x1/2. Default: True.
         keep_norm_mean (bool): LayerNorm's mean keeps its gradient. Default: True.
         strict (bool): raise :class:`UnmatchedModulesError` before changing anything if
-            the model has attention- or norm-like modules that no rule matches; when
-            False (default), warn once with the same list.
+            the model has attention- or norm-like modules that no rule matches, or is
+            (or contains) a TorchScript module; when False (default), warn once instead.
         registry (RuleRegistry, optional): the rules to use. Default: the default
             registry (built-in rules plus those added with :func:`register_rule`).
+        config (GIMConfig, optional): the four settings as one object (then leave the
+            four keywords at their defaults).
 
     Returns:
         GIMReport: which modules each rule matched (yielded by the ``with``).
@@ -149,35 +238,63 @@ def gim_backward(
             f"gim_backward needs the torch.nn.Module whose backward to modify, "
             f"got {type(model).__name__}"
         )
-    config = GIMConfig(
+    settings = dict(
         temperature=temperature,
         freeze_norms=freeze_norms,
         divide_grads=divide_grads,
         keep_norm_mean=keep_norm_mean,
     )
-    from .rules import ensure_ecosystem_rules
+    if config is None:
+        config = GIMConfig(**settings)  # type: ignore[arg-type]
+    elif not isinstance(config, GIMConfig):
+        raise TypeError(f"config= must be a captum_gim.GIMConfig, got {type(config).__name__}")
+    elif any(v != getattr(GIMConfig(), k) for k, v in settings.items()):
+        raise ValueError("pass the settings either as config= or as keywords, not both")
+    from .rules import ensure_ecosystem_rules, integration_problems
 
     if registry is None:
         registry = default_registry
     ensure_ecosystem_rules(registry)
-    plan = registry.plan(model)
+    for problem in integration_problems(model):
+        _warn_once(("integration", problem), problem, UserWarning)
+    _check_scripted(model, strict)
+    plan, modules = _plan(model, registry)
     _check_unmatched(model, plan, strict)
     report = _report(plan, config)
+    active = _context.ActiveScope(
+        model=model,
+        config=config,
+        strict=strict,
+        registry=registry,
+        modules=modules,
+        rules={id(m.module): m.rule for m in plan.matches if m.rule.is_enabled(config)},
+        coverage=report.coverage,
+    )
     handles: List[Handle] = []
+    entered = False
     try:
         for match in plan.matches:
             if match.rule.is_enabled(config):
-                handles.append(_install(match, config))
+                handles.append(install_rule(match.module, match.rule, config))
+        functional = _functional_installer()
+        if functional is not None:
+            handles.append(
+                acquire(model, "functional", lambda: functional(model, _getter(model)))[0]
+            )
+        _context.enter(active)
+        entered = True
         yield report
     finally:
+        if entered:
+            _context.leave(active)
         combine_handles(handles).remove()
 
 
-def _install(match: Match, config: GIMConfig) -> Handle:
-    handle = match.rule.install(match.module, config)
-    if not isinstance(handle, Handle) and not hasattr(handle, "remove"):
-        raise TypeError(
-            f"rule {match.rule.name!r} must return a Handle from install(), "
-            f"got {type(handle).__name__}"
-        )
-    return handle
+def _getter(model: nn.Module) -> Any:
+    ref = weakref.ref(model)
+
+    def get_active() -> Optional[_context.ActiveScope]:
+        m = ref()
+        return _context.active_for_model(m) if m is not None else None
+
+    return get_active

@@ -21,6 +21,7 @@ from torch import Tensor
 from test_hf_helpers import tb_attention_heads
 
 import captum_gim.ops.attention as gim_ops_attention
+from captum_gim import GIMConfig
 import captum_gim.rules.transformers as R
 
 
@@ -63,7 +64,8 @@ def _run(attention, q, k, v, bias, g_out, g_w):
 def _compare(q, k, v, bias, keep, sem, T=2.0, divide=True, with_weights=False, chunk=None, monkeypatch=None):
     if chunk is not None:
         monkeypatch.setattr(gim_ops_attention, "_BACKWARD_CHUNK_BYTES", chunk)
-    scope = R._AttentionScope(T, divide)
+    scope = GIMConfig(temperature=T, divide_grads=divide)
+    factors = (0.25, 0.25, 0.5) if divide else (1.0, 1.0, 1.0)
     g = torch.Generator().manual_seed(9)
     B, Hq, L, D = q.shape
     g_out = torch.randn(B, L, Hq, v.shape[-1], generator=g, dtype=q.dtype)
@@ -74,7 +76,7 @@ def _compare(q, k, v, bias, keep, sem, T=2.0, divide=True, with_weights=False, c
     )
 
     gq, gk, gv, gb, diff = R._gim_attention_grads(
-        q, k, v, bias, keep, g_out, g_w, sem, T, scope.factors, bias is not None, out
+        q, k, v, bias, keep, g_out, g_w, sem, T, factors, bias is not None, out
     )
     got = [gq, gk, gv] + ([gb] if bias is not None else [])
     assert len(got) == len(expected)

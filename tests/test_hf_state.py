@@ -15,6 +15,9 @@ from torch import Tensor, nn
 from test_hf_helpers import SEQ, assert_clean, build_gpt2, build_llama, family
 
 import captum_gim.rules.transformers as hf_rules
+import captum_gim.rules.transformers.attention as hf_attention
+from captum_gim._context import open_scopes
+from captum_gim._patching import installed_count
 from captum_gim import (
     LayerGIM,
     Rule,
@@ -57,7 +60,7 @@ def test_config_switched_inside_and_restored_exactly(impl: str) -> None:
     assert _snapshot(model) == before
     assert model.config._attn_implementation == impl and model.config.use_cache is True
     assert_clean(model)
-    assert not any(m in hf_rules._ACTIVE for m in model.modules())
+    assert installed_count() == 0 and not open_scopes()
 
 
 def test_config_restored_after_error_in_forward_and_backward() -> None:
@@ -225,7 +228,7 @@ def test_layer_gim_report_and_no_leaks_across_many_calls() -> None:
     assert "transformers.attention" in lg.last_report.by_rule()
     assert_clean(f.model)
     assert f.model.config._attn_implementation == "sdpa"
-    assert not any(m in hf_rules._ACTIVE for m in f.model.modules())
+    assert installed_count() == 0 and not open_scopes()
 
 
 def test_gpt2_upcast_and_reordered_eager_path() -> None:
@@ -248,13 +251,13 @@ def test_gpt2_upcast_and_reordered_eager_path() -> None:
 def test_attention_the_rule_does_not_model_is_reported(monkeypatch) -> None:
     """If a model's attention computes something else, the first backward warns."""
     model = build_llama("eager")
-    real = hf_rules._original_attention
+    real = hf_attention._original_attention
 
     def doubled_scale(module, impl):
         fn = real(module, impl)
         return lambda m, q, k, v, mask, **kw: fn(m, q, k, v, mask, **{**kw, "scaling": 2 * kw["scaling"]})
 
-    monkeypatch.setattr(hf_rules, "_original_attention", doubled_scale)
+    monkeypatch.setattr(hf_attention, "_original_attention", doubled_scale)
     e0 = model.get_input_embeddings()(_ids()).detach()
     with pytest.warns(hf_rules.GIMAttentionMismatchWarning, match="LlamaAttention"):
         with gim_backward(model):

@@ -15,12 +15,14 @@ from __future__ import annotations
 import importlib
 import sys
 import threading
-from typing import Dict, List
+from typing import Dict, List, Tuple
+
+from torch import nn
 
 from ..registry import Handle, RuleRegistry, default_registry
 from . import torch_nn
 
-__all__ = ["torch_nn", "ensure_ecosystem_rules", "ECOSYSTEMS"]
+__all__ = ["torch_nn", "ensure_ecosystem_rules", "integration_problems", "ECOSYSTEMS", "SUPPORTED"]
 
 #: package name -> module of captum_gim.rules that holds its rules (a ``RULES`` tuple)
 ECOSYSTEMS: Dict[str, str] = {
@@ -28,8 +30,13 @@ ECOSYSTEMS: Dict[str, str] = {
     "pyhealth": "captum_gim.rules.pyhealth",
 }
 
+#: package name -> the versions the rules are written for
+SUPPORTED: Dict[str, str] = {"transformers": ">=4.53", "pyhealth": ">=2.1"}
+
 _lock = threading.Lock()
 _loaded: Dict[str, List[Handle]] = {}
+#: package -> why its rules could not be loaded (the package is installed but unusable)
+_broken: Dict[str, str] = {}
 
 for _rule in torch_nn.RULES:
     default_registry.register(_rule, first=False)
@@ -51,9 +58,33 @@ def ensure_ecosystem_rules(registry: RuleRegistry = default_registry) -> None:
                 continue
             try:
                 mod = importlib.import_module(module_name)
+                rules = tuple(mod.RULES)
             except ModuleNotFoundError as e:
                 if e.name == module_name:  # that ecosystem's rules are not written yet
                     _loaded[package] = []
                     continue
-                raise
-            _loaded[package] = [registry.register(r, first=False) for r in mod.RULES]
+                _broken[package] = _problem(package, e)
+                _loaded[package] = []
+                continue
+            except Exception as e:  # an installed version the rules cannot use
+                _broken[package] = _problem(package, e)
+                _loaded[package] = []
+                continue
+            _loaded[package] = [registry.register(r, first=False) for r in rules]
+
+
+def _problem(package: str, error: BaseException) -> str:
+    version = getattr(sys.modules.get(package), "__version__", "unknown")
+    return (
+        f"captum_gim: the installed {package} {version} cannot be used by GIM's {package} "
+        f"rules (supported: {package}{SUPPORTED.get(package, '')}): {type(error).__name__}: "
+        f"{error}. Its modules keep their plain gradient; torch.nn modules are not affected."
+    )
+
+
+def integration_problems(model: nn.Module) -> Tuple[str, ...]:
+    r"""Why the rules of an ecosystem ``model`` uses could not be loaded (one line each)."""
+    if not _broken:
+        return ()
+    used = {type(m).__module__.partition(".")[0] for m in model.modules()}
+    return tuple(msg for pkg, msg in _broken.items() if pkg in used)
