@@ -64,9 +64,9 @@ from ..config import GIMConfig
 from ..ops import frozen_layer_norm, frozen_rms_norm, gim_attention, tsg_softmax
 from ..registry import Handle
 from .functional_detect import AttentionEvent, Provenance, canonical_name
-from .functional_detect import Entry as _Entry
-from .functional_detect import Where as _Where
-from .functional_detect import report as _report
+from .functional_report import Entry as _Entry
+from .functional_report import Where as _Where
+from .functional_report import report as _report
 from .torch_nn import gim_multihead_attention_forward
 
 __all__ = ["install_functional", "ActiveScopeLike", "COVERED_OPS"]

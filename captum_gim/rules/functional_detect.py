@@ -38,19 +38,16 @@ What is tracked, and the heuristics (the limits are listed in ``docs/any_model.r
 
 from __future__ import annotations
 
-import threading
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..errors import UncoveredOperationError, UncoveredOperationWarning
 from ..ops import scale_grad
 
-__all__ = ["Provenance", "AttentionEvent", "NormEvent", "canonical_name", "Where", "Entry", "report"]
+__all__ = ["Provenance", "AttentionEvent", "NormEvent", "canonical_name"]
 
 
 class _Cell:
@@ -526,84 +523,3 @@ class Provenance:
             const = all(self.is_const(t) for t in _tensors(args, kwargs))
             self.set_tag(out, _CONST if const else None)
         return out
-
-
-# -- what ran, and what is said about it ------------------------------------------------
-
-
-@dataclass
-class Where:
-    """Where an operation ran: module path and class, the scope in force."""
-
-    path: str
-    class_name: str
-    scope: Any
-    ignored: Optional[str] = None  # the class the scope's registry ignores, if any
-
-
-@dataclass
-class Entry:
-    """One operation that ran and its cover (``rule:...``, ``functional:...``, ``none``...)."""
-
-    where: Where
-    op: str
-    cover: str
-    reason: str = ""
-
-
-_warned: Set[Tuple[Any, ...]] = set()
-_warned_lock = threading.Lock()
-
-
-def _describe(entries: List[Entry]) -> str:
-    return "\n".join(
-        f"  - '{e.where.path or '<root>'}' ({e.where.class_name}): {e.op}"
-        + (f" [{e.reason}]" if e.reason else "")
-        for e in entries
-    )
-
-
-def _message(root: nn.Module, entries: List[Entry], strict: bool) -> str:
-    classes = sorted({e.where.class_name for e in entries})
-    head = (
-        f"GIM: these normalisation / attention operations ran in the forward pass of "
-        f"{type(root).__name__} with no rule and no exact functional cover, so they "
-        f"{'would keep' if strict else 'keep'} their plain gradient:\n"
-    )
-    return head + _describe(entries) + (
-        "\nCover them with a rule for the module class (captum_gim.register_rule; see the "
-        "'writing your own rule' guide), or mark the class as needing none "
-        f"(registry.ignore({classes[0]})), "
-        + ("or pass strict=False to go on with a warning." if strict else
-           "or pass strict=True to make this an error.")
-    )
-
-
-def report(root: nn.Module, entries: List[Entry], raise_errors: bool) -> None:
-    """Record every entry on its scope; raise for a strict scope with uncovered ops, else
-    warn once per model class and list."""
-    seen: Set[Tuple[int, str, str, str]] = set()
-    uncovered: Dict[int, Tuple[Any, List[Entry]]] = {}
-    for e in entries:
-        w = e.where
-        k = (id(w.scope), w.path, e.op, e.cover)
-        if k in seen:
-            continue
-        seen.add(k)
-        record = getattr(w.scope, "record", None)
-        if record is not None:
-            record(w.path, w.class_name, e.op, e.cover)
-        if e.cover == "none":
-            uncovered.setdefault(id(w.scope), (w.scope, []))[1].append(e)
-    if not raise_errors:
-        return
-    for scope, items in uncovered.values():
-        if getattr(scope, "strict", False):
-            raise UncoveredOperationError(_message(root, items, True))
-    for scope, items in uncovered.values():
-        wkey = (type(root).__qualname__, tuple((e.where.path, e.op, e.reason) for e in items))
-        with _warned_lock:
-            if wkey in _warned:
-                continue
-            _warned.add(wkey)
-        warnings.warn(_message(root, items, False), UncoveredOperationWarning, stacklevel=3)
