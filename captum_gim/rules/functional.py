@@ -24,7 +24,8 @@ Inside the mode, these functions get GIM's backward pass wherever they are calle
   (:mod:`captum_gim.rules.functional_detect`): a softmax of a product of two hidden-state
   tensors gets TSG, the product's operands x1/4 and the value product's value x1/2; the
   ``rsqrt`` / ``sqrt`` of a mean of squares or a variance that divides the tensor it was
-  computed from is a constant of the backward pass.
+  computed from is a constant of the backward pass; ``act(linear(x)) * linear(x)`` (gated
+  MLPs) halves the gradient of both branches.
 
 Module rules take precedence: whatever runs while
 :func:`captum_gim._coverage.current_rule` names a rule is left alone and recorded as
