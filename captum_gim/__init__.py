@@ -8,6 +8,8 @@ The public API:
 - :class:`Rule`, :class:`RuleRegistry`, :func:`register_rule`, :func:`replace_forward`:
   which modules get which modified backward; add your own.
 - :mod:`captum_gim.ops`: the autograd functions every rule is built from.
+- :func:`compare`: GIM against Integrated Gradients and Captum's methods on your model
+  (loaded on first use).
 """
 
 from ._version import __version__
@@ -40,4 +42,13 @@ __all__ = [
     "replace_forward",
     "UnmatchedModulesError",
     "UnmatchedModulesWarning",
+    "compare",
 ]
+
+
+def __getattr__(name: str):  # the comparison pulls in the evaluation package: load it when asked for
+    if name == "compare":
+        from .evaluation.api import compare
+
+        return compare
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,8 +9,9 @@ r"""Plots and HTML for attributions, without IPython and on current matplotlib.
   never touching pyplot's global state unless asked to.
 - :func:`plot_timeseries_attributions`: a heat map of one patient's (or sequence's)
   attributions over time steps or visits, with padding masked out.
-- :func:`plot_deletion_curves`, :func:`plot_metric_bars`, :func:`plot_time_vs_quality`
-  and :func:`comparison_html`: the figures and the page of ``captum-gim compare``.
+
+The figures and the page of ``captum-gim compare`` live in
+:mod:`captum_gim.evaluation.plots` and :mod:`captum_gim.evaluation.page`.
 
 All figures are made with the object-oriented API (:class:`matplotlib.figure.Figure`),
 so nothing here needs a display or changes the matplotlib backend.
@@ -20,8 +21,7 @@ from __future__ import annotations
 
 import html
 import math
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,35 +33,7 @@ __all__ = [
     "text_records_html",
     "visualize_timeseries_attr",
     "plot_timeseries_attributions",
-    "plot_deletion_curves",
-    "plot_metric_bars",
-    "plot_time_vs_quality",
-    "comparison_html",
 ]
-
-#: method family -> (colour, line style); a method's own colour (_COLOURS) wins
-_STYLE = {
-    "GIM": ("#d62728", "-"),
-    "GIM ablation": ("#ff9896", "--"),
-    "Captum": ("#1f77b4", "-"),
-    "floor": ("#7f7f7f", ":"),
-}
-_COLOURS = {
-    "ig-gim": "#9467bd",
-    "saliency": "#17becf",
-    "ixg": "#bcbd22",
-    "gradshap": "#2ca02c",
-}
-#: the metrics plotted, with their titles (which way is better: the comparison's METRICS)
-_METRIC_LABELS = {
-    "comprehensiveness_aopc": "Comprehensiveness (AOPC)",
-    "sufficiency_aopc": "Sufficiency (AOPC)",
-    "deletion_auc": "Deletion AUC",
-    "gt_auroc": "Ground-truth AUROC",
-    "gt_top1": "Top-1 hit rate",
-    "infidelity": "Infidelity",
-}
-
 
 # --------------------------------------------------------------------------- text
 
@@ -284,208 +256,7 @@ def visualize_timeseries_attr(
     return fig, (axes if len(axes) > 1 else axes[0])
 
 
-# --------------------------------------------------------------------------- comparison plots
-
-
-def _style(rec: Dict[str, Any]) -> Tuple[str, str]:
-    color, ls = _STYLE.get(rec.get("family", ""), ("#2ca02c", "-"))
-    return _COLOURS.get(rec["key"], color), ls
-
-
-def _metric_title(metric: str) -> str:
-    from .evaluation.compare import METRICS
-
-    return f"{_METRIC_LABELS[metric]} ({'higher' if METRICS[metric][1] else 'lower'} = better)"
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _floats(values: Sequence[Optional[float]]) -> np.ndarray:
-    return np.asarray([np.nan if v is None else v for v in values], dtype=float)
-
-
-def plot_deletion_curves(report: Dict[str, Any], path: Path) -> Path:
-    r"""Mean deletion curve per method with its confidence band, saved as PNG."""
-    fig = Figure(figsize=(7.5, 5))
-    ax = fig.subplots()
-    for rec in report["methods"]:
-        c = rec["deletion_curve"]
-        xs = np.asarray(c["fractions"], dtype=float)
-        mean, lo, hi = _floats(c["mean"]), _floats(c["ci_low"]), _floats(c["ci_high"])
-        color, ls = _style(rec)
-        auc = (rec["metrics"].get("deletion_auc") or {}).get("mean")
-        label = rec["name"] + (f" (AUC {auc:.3f})" if auc is not None else "")
-        ax.plot(xs, mean, ls, color=color, label=label, lw=2 if rec["family"] == "GIM" else 1.3)
-        ax.fill_between(xs, lo, hi, color=color, alpha=0.08)
-    ax.set_xlabel(f"fraction of {report['task']['unit']}s removed (most important first)")
-    ax.set_ylabel(report["task"]["score"])
-    ax.set_title(f"Deletion curves: {report['task']['name']} (lower = more faithful)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
-
-
-def plot_metric_bars(report: Dict[str, Any], path: Path) -> Path:
-    r"""One bar chart per metric (mean and confidence interval per method), as PNG."""
-    metrics = [
-        m for m in _METRIC_LABELS
-        if any((r["metrics"].get(m) or {}).get("n") for r in report["methods"])
-    ]
-    cols = 3
-    rows = max(1, math.ceil(len(metrics) / cols))
-    fig = Figure(figsize=(4.2 * cols, 3.6 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    names = [r["name"] for r in report["methods"]]
-    y = np.arange(len(names))
-    for ax, m in zip(axes, metrics):
-        means, errs, colors = [], [[], []], []
-        for r in report["methods"]:
-            s = r["metrics"].get(m) or {}
-            mu = s.get("mean")
-            mu = np.nan if mu is None else mu
-            lo = s.get("ci_low") if s.get("ci_low") is not None else mu
-            hi = s.get("ci_high") if s.get("ci_high") is not None else mu
-            means.append(mu)
-            errs[0].append(max(0.0, mu - lo) if np.isfinite(mu) else 0.0)
-            errs[1].append(max(0.0, hi - mu) if np.isfinite(mu) else 0.0)
-            colors.append(_style(r)[0])
-        ax.barh(y, means, xerr=errs, color=colors, alpha=0.85, capsize=2)
-        ax.set_yticks(y, names, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_title(_metric_title(m), fontsize=9)
-        ax.grid(axis="x", alpha=0.3)
-    for ax in axes[len(metrics):]:
-        ax.set_visible(False)
-    ci = report["settings"]["ci_level"]
-    fig.suptitle(f"{report['task']['name']}: mean and {ci:.0%} bootstrap CI over "
-                 f"{report['task']['n_examples']} examples", fontsize=10)
-    return _save(fig, path)
-
-
-def plot_time_vs_quality(report: Dict[str, Any], path: Path) -> Path:
-    r"""Median time per example against comprehensiveness and (if known) ground-truth
-    AUROC, one point per method, as PNG."""
-    qualities = ["comprehensiveness_aopc"]
-    if any((r["metrics"].get("gt_auroc") or {}).get("n") for r in report["methods"]):
-        qualities.append("gt_auroc")
-    fig = Figure(figsize=(6.2 * len(qualities), 4.8))
-    axes = np.atleast_1d(fig.subplots(1, len(qualities), squeeze=False)).ravel()
-    for ax, q in zip(axes, qualities):
-        for r in report["methods"]:
-            t = r.get("median_time_ms")
-            s = r["metrics"].get(q) or {}
-            if t is None or s.get("mean") is None or t <= 0:
-                continue
-            color, _ = _style(r)
-            lo = s.get("ci_low", s["mean"])
-            hi = s.get("ci_high", s["mean"])
-            ax.errorbar([t], [s["mean"]], yerr=[[s["mean"] - lo], [hi - s["mean"]]],
-                        fmt="o", color=color, capsize=3)
-            ax.annotate(r["name"], (t, s["mean"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("median wall time per example (ms, log scale)")
-        ax.set_ylabel(_metric_title(q))
-        ax.grid(alpha=0.3, which="both")
-    fig.suptitle(f"Cost against quality: {report['task']['name']} "
-                 f"({report['versions'].get('torch_threads')} CPU thread(s) / {report['task']['device']})",
-                 fontsize=10)
-    return _save(fig, path)
-
-
-# --------------------------------------------------------------------------- the page
-
-
-def _records_for_example(report: Dict[str, Any], ex: Dict[str, Any]) -> Tuple[List[Any], List[str]]:
-    from captum.attr._utils.visualization import VisualizationDataRecord
-
-    valid = ex["valid"]
-    labels = ex.get("unit_labels") or [str(i) for i in range(len(valid))]
-    keep = [i for i, v in enumerate(valid) if v]
-    words = [labels[i] for i in keep]
-    target = ex.get("target")
-    attr_class = ex.get("target_label") or ("output" if target is None else str(target))
-    records, heads = [], []
-    if ex.get("evidence") is not None:
-        truth = [1.0 if ex["evidence"][i] else 0.0 for i in keep]
-        records.append(VisualizationDataRecord(
-            truth, ex.get("full_score") or 0.0, attr_class, ex.get("true_label") or "",
-            attr_class, float(sum(truth)), words, 0.0))
-        heads.append("ground truth")
-    for rec in report["methods"]:
-        scores = ex["scores"].get(rec["key"])
-        if scores is None:
-            continue
-        s = np.asarray([scores[i] for i in keep], dtype=float)
-        peak = float(np.max(np.abs(s))) if s.size else 0.0
-        scale = peak if peak > 0 else 1.0
-        records.append(VisualizationDataRecord(
-            (s / scale).tolist(), ex.get("full_score") or 0.0, attr_class,
-            ex.get("true_label") or "", attr_class, float(s.sum()), words, 0.0))
-        heads.append(rec["name"])
-    return records, heads
-
-
-def comparison_html(report: Dict[str, Any], plots: Dict[str, str], table: str, path: Path) -> Path:
-    r"""The HTML page of a comparison: settings, table, plots, and examples side by side.
-
-    Args:
-        report (dict): from :func:`captum_gim.evaluation.compare.run_comparison`.
-        plots (dict): caption -> image file name (relative to the page).
-        table (str): the text table.
-        path (Path): where to write the page.
-    """
-    esc = html.escape
-    task = report["task"]
-    v = report["versions"]
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
-        f"<title>captum-gim compare: {esc(task['name'])}</title>",
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-        "table.attr{border-collapse:collapse;margin:.5em 0}table.attr td,table.attr th"
-        "{padding:2px 6px;border-bottom:1px solid #ddd;text-align:left;vertical-align:top}"
-        "pre{background:#f6f6f6;padding:1em;overflow-x:auto;font-size:12px}"
-        "img{max-width:100%}.legend{margin:.3em 0 1.5em}</style></head><body>",
-        f"<h1>GIM against Captum's gradient methods: {esc(task['name'])}</h1>",
-        f"<p>{esc(task['description'])}</p>",
-        f"<p><b>Command:</b> <code>{esc(str(report.get('command', '')))}</code><br>"
-        f"<b>Date:</b> {esc(report['date'])}<br>"
-        f"<b>Versions:</b> captum-gim {esc(str(v.get('captum_gim')))}, torch {esc(str(v.get('torch')))}, "
-        f"captum {esc(str(v.get('captum')))}, Python {esc(str(v.get('python')))}"
-        + (f", transformers {esc(str(v['transformers']))}" if v.get("transformers") else "")
-        + (f", pyhealth {esc(str(v['pyhealth']))}" if v.get("pyhealth") else "")
-        + f"<br><b>Examples:</b> {task['n_examples']}; <b>score:</b> {esc(task['score'])}; "
-        f"<b>ground truth:</b> {esc(str(task.get('ground_truth') or 'not known'))}</p>",
-        "<h2>Results</h2>",
-        f"<pre>{esc(table)}</pre>",
-    ]
-    if report.get("summary"):
-        parts.append(f"<pre>{esc(report['summary'])}</pre>")
-    parts.append("<h3>How each number was measured</h3><ul>")
-    for k, text in report.get("measurement", {}).items():
-        parts.append(f"<li><b>{esc(k)}</b>: {esc(str(text))}</li>")
-    parts.append("</ul>")
-    for caption, file in plots.items():
-        parts.append(f"<h3>{esc(caption)}</h3><img src='{esc(file)}' alt='{esc(caption)}'>")
-    parts.append("<h2>Examples</h2><p>Each row: one method's attribution of the explained "
-                 "output, per unit, scaled by its largest magnitude (green: for, red: against). "
-                 "Hover a unit for its value.</p>")
-    for ex in report.get("examples_shown", []):
-        title = f"Example {ex['index']}" + (f" ({esc(ex['group'])})" if ex.get("group") else "")
-        parts.append(f"<h3>{title}</h3>")
-        if ex.get("text"):
-            parts.append(f"<p><code>{esc(ex['text'])}</code></p>")
-        records, heads = _records_for_example(report, ex)
-        parts.append(text_records_html(records, legend=True, row_headers=heads))
-    parts.append("</body></html>")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(parts))
-    return path
+# --------------------------------------------------------------------------- time series
 
 
 def _timeseries_2d(x: Union[Tensor, Any]) -> Tensor:

@@ -1,153 +1,126 @@
-r"""Writing a comparison report: the stdout table, the summary lines and the JSON file."""
+r"""The report of a comparison: :class:`Report`, with its text table, summary, JSON,
+DataFrame, and :meth:`Report.save` (JSON, PNG plots, an HTML page)."""
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Sequence, Union
 
-from .compare import METRICS
+from .table import columns, fmt, fmt_memory, table_rows
+from .types import METRICS, ReportData, to_jsonable
 
-__all__ = ["format_table", "format_group_table", "format_summary", "write_json", "to_jsonable"]
+__all__ = ["Report", "table_rows", "fmt_memory", "write_json", "to_jsonable"]
 
-
-def _fmt(x: Optional[float], metric: str) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    if metric == "infidelity":
-        return f"{x:.3g}"
-    if metric == "time_ms":
-        return f"{x:.3g}" if x < 100 else f"{x:.0f}"
-    return f"{x:.3f}"
+PLOTS = {
+    "deletion_curves.png": "Deletion curves",
+    "metrics.png": "Metrics",
+    "frontier.png": "Cost against quality: the frontier",
+}
 
 
-def _cell(stats: Optional[Dict[str, Any]], metric: str) -> str:
-    if not stats or stats.get("mean") is None:
-        return "n/a"
-    m, lo, hi = stats["mean"], stats.get("ci_low"), stats.get("ci_high")
-    if lo is None or hi is None or metric == "time_ms":
-        return _fmt(m, metric)
-    half = (hi - lo) / 2.0
-    return f"{_fmt(m, metric)}±{_fmt(half, metric)}"
+class Report(ReportData):
+    r"""The result of :func:`captum_gim.compare` and ``captum-gim compare``.
 
-
-def _columns(header: List[str], rows: List[List[str]]) -> List[str]:
-    r"""Header, rule and rows, aligned: the first column left, the others right."""
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-
-    def line(cells: List[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    return [line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in rows]
-
-
-def format_table(report: Dict[str, Any]) -> str:
-    r"""The per-method table: mean ± half-width of the confidence interval."""
-    metrics = [m for m in METRICS if m != "time_ms"]
-    has_gt = any(
-        (r["metrics"].get("gt_auroc") or {}).get("n") for r in report["methods"]
-    )
-    if not has_gt:
-        metrics = [m for m in metrics if not m.startswith("gt_")]
-    header = ["Method"] + [
-        f"{METRICS[m][0]} {'↑' if METRICS[m][1] else '↓'}" for m in metrics
-    ] + ["ms/ex", "peak MiB"]
-    rows: List[List[str]] = []
-    for r in report["methods"]:
-        row = [r["name"]] + [_cell(r["metrics"].get(m), m) for m in metrics]
-        row.append(_fmt(r.get("median_time_ms"), "time_ms"))
-        mem = r.get("peak_memory_mib")
-        row.append("n/a" if mem is None else (f"{mem:.2f}" if mem < 10 else f"{mem:.1f}"))
-        rows.append(row)
-    lines = _columns(header, rows)
-    ci = report["settings"]["ci_level"]
-    lines.append(
-        f"± : half-width of the {ci:.0%} bootstrap CI over {report['task']['n_examples']} "
-        "examples; ms/ex: median wall time per example; peak MiB: see report.json "
-        "'measurement'."
-    )
-    return "\n".join(lines)
-
-
-def format_group_table(report: Dict[str, Any], metrics: Sequence[str] = ("gt_auroc", "comprehensiveness_aopc")) -> str:
-    r"""Per-group means (e.g. per kind of planted evidence), one column per group and
-    metric; empty when the task has no groups."""
-    groups = report["task"].get("groups")
-    if not groups:
-        return ""
-    metrics = [
-        m for m in metrics
-        if any(((r.get("by_group") or {}).get(g) or {}).get(m) is not None
-               for r in report["methods"] for g in groups)
-    ]
-    if not metrics:
-        return ""
-    header = ["Method"] + [f"{METRICS[m][0]} {g}" for m in metrics for g in groups]
-    rows = []
-    for r in report["methods"]:
-        bg = r.get("by_group") or {}
-        rows.append([r["name"]] + [_fmt((bg.get(g) or {}).get(m), m) for m in metrics for g in groups])
-    lines = _columns(header, rows)
-    n = {g: ((report["methods"][0].get("by_group") or {}).get(g) or {}).get("n") for g in groups}
-    lines.append("means per group (" + ", ".join(f"{g}: {k} examples" for g, k in n.items()) + ")")
-    return "\n".join(lines)
-
-
-def format_summary(report: Dict[str, Any], method: str = "gim", tolerance: float = 1e-3) -> str:
-    r"""Paired differences of ``method`` against the reference method, in words.
-
-    A difference is "better" or "worse" when its confidence interval excludes zero,
-    and "same" when the whole interval lies within ``tolerance`` of zero (differences
-    at float precision, e.g. between probabilities of 0.9999).
+    Attributes are those of :class:`~captum_gim.evaluation.types.ReportData`: ``methods``
+    (one :class:`~captum_gim.evaluation.types.MethodResult` each), ``sweep``, ``frontier``,
+    ``summary``... Methods: :meth:`table`, :meth:`to_json`, :meth:`to_dataframe`,
+    :meth:`save`.
     """
-    rec = next((r for r in report["methods"] if r["key"] == method), None)
-    if rec is None or not rec.get("vs_reference"):
-        return ""
-    vs = rec["vs_reference"]
-    ref = next(r for r in report["methods"] if r["key"] == vs["reference"])
-    parts = []
-    for m, (label, higher) in METRICS.items():
-        d = vs.get(m)
-        if not d or d.get("mean") is None or m == "time_ms":
-            continue
-        lo, hi = d["ci_low"], d["ci_high"]
-        if lo is not None and hi is not None and max(abs(lo), abs(hi)) < tolerance:
-            verdict = f"same (|difference| < {tolerance:g})"
-        elif lo is not None and hi is not None and (lo > 0 or hi < 0):
-            better = (d["mean"] > 0) == higher
-            verdict = "better" if better else "worse"
-        else:
-            verdict = "no clear difference"
-        parts.append(f"  {label:9s} {d['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]  {verdict}")
-    ratio = vs.get("median_time_ratio")
-    lines = [f"{rec['name']} - {ref['name']} (paired over examples, {report['settings']['ci_level']:.0%} CI):"]
-    lines += parts
-    if ratio is not None:
-        lines.append(f"  time      {ratio:.3g}x the median time of {ref['name']}")
-    return "\n".join(lines)
+
+    def table(self) -> str:
+        r"""The per-method table: mean ± half-width of the CI, the baseline each method
+        uses, time, passes and memory (plus per-group means when the task has groups)."""
+        lines = columns(table_rows(self))
+        base = self.task.get("baseline", "task baseline")
+        lines.append(
+            f"± : half-width of the {self.settings['ci_level']:.0%} bootstrap CI over "
+            f"{self.task['n_examples']} examples; Baseline: 'task baseline' is {base}; "
+            "ms/ex: median wall time per example; passes: forward+backward rows per example; "
+            "peak MiB: see 'measurement' in report.json.")
+        groups = self.group_table()
+        return "\n".join(lines) + ("\n\n" + groups if groups else "")
+
+    def group_table(self, metrics: Sequence[str] = ("gt_auroc", "comprehensiveness_aopc")) -> str:
+        r"""Per-group means (e.g. per kind of planted evidence) for the methods without a
+        budget suffix; empty when the task has no groups."""
+        groups = self.task.get("groups")
+        if not groups:
+            return ""
+        methods = [r for r in self.methods if "@" not in r.key]
+        metrics = [m for m in metrics if any(((r.by_group or {}).get(g) or {}).get(m) is not None
+                                             for r in methods for g in groups)]
+        if not metrics:
+            return ""
+        rows = [["Method", ""] + [f"{METRICS[m][0]} {g}" for m in metrics for g in groups]]
+        for r in methods:
+            bg = r.by_group or {}
+            rows.append([r.name, ""] + [fmt((bg.get(g) or {}).get(m), m) for m in metrics for g in groups])
+        lines = columns(rows)
+        n = {g: ((methods[0].by_group or {}).get(g) or {}).get("n") for g in groups}
+        lines.append("means per group (" + ", ".join(f"{g}: {k} examples" for g, k in n.items()) + ")")
+        return "\n".join(lines)
+
+    def versus(self, key: str = "gim") -> str:
+        r"""Paired differences of method ``key`` against the reference method, in words."""
+        rec = self.method(key)
+        if rec is None or not rec.vs_reference:
+            return ""
+        vs = rec.vs_reference
+        ref = self.method(vs["reference"])
+        lines = [f"{rec.name} - {ref.name if ref else vs['reference']} (paired over examples, "
+                 f"{self.settings['ci_level']:.0%} CI; tolerance {self.settings.get('tolerance', 0):g}):"]
+        for m, (label, _) in METRICS.items():
+            d = vs.get(m)
+            if m == "time_ms" or not d or d.get("mean") is None:
+                continue
+            lines.append(f"  {label:9s} {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]  "
+                         f"{d['verdict']}")
+        if vs.get("median_time_ratio") is not None:
+            lines.append(f"  time      {vs['median_time_ratio']:.3g}x the median time of "
+                         f"{ref.name if ref else vs['reference']}")
+        return "\n".join(lines)
+
+    def summary_text(self) -> str:
+        r"""GIM and IG-GIM against the reference, the frontier and the matched budgets."""
+        parts = [self.versus("gim"), self.versus("ig-gim"), (self.frontier or {}).get("summary", "")]
+        return "\n\n".join(p for p in parts if p)
+
+    def save(self, directory: Union[str, Path], plots: bool = True) -> Dict[str, Path]:
+        r"""Write ``report.json``, ``table.txt``, the PNG plots and ``report.html``.
+
+        Args:
+            directory (str or Path): created if missing.
+            plots (bool): also draw the plots (needs matplotlib).
+
+        Returns:
+            dict: file kind -> path.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written: Dict[str, Path] = {}
+        if plots:
+            from .plots import plot_deletion_curves, plot_frontier, plot_metrics
+
+            draw = {"deletion_curves.png": plot_deletion_curves, "metrics.png": plot_metrics,
+                    "frontier.png": plot_frontier}
+            for name in PLOTS:
+                written[name] = draw[name](self, out / name)
+        self.files = {"json": "report.json", "html": "report.html", "table": "table.txt",
+                      "plots": [p for p in PLOTS if p in written]}
+        from .page import comparison_html
+
+        table = self.table()
+        written["html"] = comparison_html(self, {PLOTS[p]: p for p in self.files["plots"]}, out / "report.html")
+        (out / "table.txt").write_text(table + ("\n\n" + self.summary if self.summary else "") + "\n")
+        written["table"] = out / "table.txt"
+        written["json"] = write_json(self, out / "report.json")
+        return written
 
 
-def to_jsonable(obj: Any) -> Any:
-    r"""``obj`` with NaN and infinities as None and tuples as lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        try:
-            return to_jsonable(obj.item())
-        except (TypeError, ValueError):
-            return str(obj)
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
-
-
-def write_json(report: Dict[str, Any], path: Path) -> Path:
+def write_json(report: Union[ReportData, Dict[str, Any]], path: Path) -> Path:
     r"""Write ``report`` as strict JSON (no NaN)."""
+    data = report.to_dict() if isinstance(report, ReportData) else to_jsonable(report)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(to_jsonable(report), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
     return path
