@@ -6,8 +6,15 @@ r"""Hugging Face targets of ``captum-gim compare``: MiniLM and local checkpoints
   and that of sentence B (held fixed).
 - :func:`checkpoint_task`: a local checkpoint directory. A ``*ForSequenceClassification``
   checkpoint explains its predicted class (score: its softmax probability) on each
-  input line (a tab separates a text pair); any other checkpoint is used as a sentence
-  encoder (mean pooling), like MiniLM, on tab-separated sentence pairs.
+  input line (a tab separates a text pair); a causal language model (``*ForCausalLM``,
+  ``GPT2LMHeadModel``...) is explained the paper's way, by
+  :mod:`captum_gim.evaluation.tasks.hf_causal` (the answer token's logit at the last
+  position); any other checkpoint is used as a sentence encoder (mean pooling), like
+  MiniLM, on tab-separated sentence pairs.
+
+Every checkpoint is loaded quietly (transformers' load report and progress bars are not
+shown) and refused with a clear error when it has no tokenizer files or when its
+tokenizer turns most of the input into the unknown token.
 
 Attributions are taken at the word-embedding output (``inputs_embeds``), the baseline
 token is ``[MASK]`` (else the pad, else the unknown token) at every position except
@@ -19,13 +26,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .tasks import Example, Task, frozen, output_score, softmax_score
+from .hf_load import check_known_tokens, load_tokenizer, quiet_transformers
+from ..types import Example, Task, output_score, softmax_score
+from ._common import frozen
 
 __all__ = [
     "DEFAULT_PAIRS",
@@ -163,13 +172,16 @@ def _encode(tokenizer: Any, *texts: str, max_length: int) -> Tuple[Any, Tensor]:
     return enc, torch.tensor([int(i) in special for i in enc["input_ids"][0]], dtype=torch.bool)
 
 
-def _load(path: Path, auto_class: Any, wrapper: Any, device: torch.device) -> Tuple[Any, nn.Module, Any]:
+def _load(
+    path: Path, auto_class: Any, wrapper: Any, device: torch.device, texts: Iterable[str] = ()
+) -> Tuple[Any, nn.Module, Any]:
     r"""The tokenizer, ``wrapper(model)`` frozen on ``device``, and the model's word-embedding
-    layer, for a local checkpoint loaded with ``auto_class``."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    hf = auto_class.from_pretrained(str(path), local_files_only=True)
+    layer, for a local checkpoint loaded with ``auto_class``; the tokenizer is checked on
+    ``texts`` before the model is loaded."""
+    tokenizer = load_tokenizer(path)
+    check_known_tokens(tokenizer, texts, path)
+    with quiet_transformers():
+        hf = auto_class.from_pretrained(str(path), local_files_only=True)
     return tokenizer, frozen(wrapper(hf), device), hf.get_input_embeddings()
 
 
@@ -182,12 +194,10 @@ def _embed(emb_layer: nn.Module, ids: Tensor, special: Tensor, base_id: int) -> 
 
 
 def _offline(progress: bool = True) -> None:
+    r"""No hub access. (``progress`` is kept for callers; every load runs inside
+    :func:`quiet_transformers`, which hides transformers' bars and restores them after.)"""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
 
 
 def _similarity_task(
@@ -201,10 +211,12 @@ def _similarity_task(
 ) -> Task:
     from transformers import AutoModel
 
-    tokenizer, model, emb_layer = _load(path, AutoModel, SentenceSimilarity, device)
+    pairs = list(pairs)[:n_examples]
+    tokenizer, model, emb_layer = _load(
+        path, AutoModel, SentenceSimilarity, device, texts=[t for pair in pairs for t in pair])
     base_id, base_tok = _baseline_id(tokenizer)
     examples: List[Example] = []
-    for a, b in list(pairs)[:n_examples]:
+    for a, b in pairs:
         enc_a, special = _encode(tokenizer, a, max_length=max_length)
         enc_b, _ = _encode(tokenizer, b, max_length=max_length)
         ids = enc_a["input_ids"].to(device)
@@ -236,7 +248,7 @@ def _similarity_task(
         name=name,
         description=description,
         model=model,
-        forward_func=model.forward,
+        forward_func=model,  # through __call__, so forwards installed on the instance run
         reduce_dims=(1,),
         examples=examples,
         score_fn=output_score,
@@ -271,7 +283,7 @@ def minilm_task(
         n_examples (int): pairs to explain (the first ones).
         device (torch.device): where to run.
         max_length (int): tokens kept per sentence.
-        progress (bool): let transformers show its loading progress bars.
+        progress (bool): kept for callers (checkpoints load quietly, without bars).
     """
     _offline(progress)
     pairs = read_inputs(inputs, pairs=True) or list(DEFAULT_PAIRS)
@@ -291,12 +303,19 @@ def minilm_task(
 def checkpoint_task(
     path: Path, inputs: Optional[str] = None, n_examples: int = 32,
     device: torch.device = torch.device("cpu"), max_length: int = 128, progress: bool = True,
+    baseline_token: Optional[str] = None,
 ) -> Task:
     r"""A local Hugging Face checkpoint directory.
 
-    A ``*ForSequenceClassification`` checkpoint: each line of ``inputs`` is a text (or a
-    tab-separated text pair) and the predicted class is explained. Any other
-    checkpoint: a sentence encoder on ``A<TAB>B`` lines, as :func:`minilm_task`.
+    A causal language model: :func:`~captum_gim.evaluation.tasks.hf_causal.causal_lm_task`
+    (prompts, or ``{"prompt", "answer"}`` JSONL; the answer token's logit at the last
+    position). A ``*ForSequenceClassification`` checkpoint: each line of ``inputs`` is
+    a text (or a tab-separated text pair) and the predicted class is explained. Any
+    other checkpoint: a sentence encoder on ``A<TAB>B`` lines, as :func:`minilm_task`.
+
+    Args:
+        baseline_token (str, optional): for causal LMs, the baseline token (a token of
+            the vocabulary, or an id); default: pad, else EOS.
     """
     _offline(progress)
     from transformers import AutoConfig
@@ -304,8 +323,19 @@ def checkpoint_task(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint (no config.json)")
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     archs = list(getattr(config, "architectures", None) or [])
+    from .hf_causal import causal_lm_task, is_causal_lm
+
+    if is_causal_lm(archs):
+        return causal_lm_task(path, inputs=inputs, n_examples=n_examples, device=device,
+                              max_length=max_length, baseline_token=baseline_token)
+    if baseline_token is not None:
+        raise ValueError(
+            f"--baseline-token is for causal language models; {path} "
+            f"({', '.join(archs) or config.model_type}) uses [MASK], else pad, else unknown"
+        )
     if not any(a.endswith("ForSequenceClassification") for a in archs):
         if inputs is None:
             raise ValueError(
@@ -326,12 +356,14 @@ def checkpoint_task(
         )
     from transformers import AutoModelForSequenceClassification
 
+    lines = (read_inputs(inputs, pairs=False) or [])[:n_examples]
     tokenizer, model, emb_layer = _load(
-        path, AutoModelForSequenceClassification, EmbedsClassifier, device)
+        path, AutoModelForSequenceClassification, EmbedsClassifier, device,
+        texts=[t for parts in lines for t in parts])
     base_id, base_tok = _baseline_id(tokenizer)
     id2label = getattr(config, "id2label", None) or {}
     examples: List[Example] = []
-    for parts in (read_inputs(inputs, pairs=False) or [])[:n_examples]:
+    for parts in lines:
         enc, special = _encode(tokenizer, *parts, max_length=max_length)
         ids = enc["input_ids"].to(device)
         mask = enc["attention_mask"].to(device)
@@ -359,7 +391,7 @@ def checkpoint_task(
         name=path.name,
         description=f"{path} ({', '.join(archs)}): the predicted class of each input line.",
         model=model,
-        forward_func=model.forward,
+        forward_func=model,  # through __call__, so forwards installed on the instance run
         reduce_dims=(1,),
         examples=examples,
         score_fn=softmax_score,
