@@ -24,7 +24,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["main", "build_parser", "run_compare", "QUICK", "FULL"]
 
@@ -36,7 +36,7 @@ def _per_target(examples: Dict[str, int], **samples: int) -> Dict[str, Dict[str,
 #: per-target settings with ``--quick``: examples, bootstrap resamples, infidelity samples,
 #: GradientShap samples
 QUICK: Dict[str, Dict[str, int]] = _per_target(
-    {"default": 64, "minilm": 8, "pyhealth": 32, "checkpoint": 8},
+    {"default": 40, "minilm": 32, "pyhealth": 32, "checkpoint": 32},
     n_bootstrap=1000, infidelity_samples=10, gradshap_samples=10,
 )
 #: per-target settings without ``--quick`` (same fields as :data:`QUICK`)
@@ -71,12 +71,21 @@ def _add_compare_options(p: argparse.ArgumentParser, demo: bool = False) -> None
                    "(default: results/compare-<model>)" if not demo else "output directory")
     p.add_argument("--n-steps", type=int, default=50,
                    help="Integrated Gradients steps, for IG and IG-GIM (default: %(default)s)")
+    p.add_argument("--steps", default="4,8,16,50", metavar="N,N,...",
+                   help="the budget sweep's IG and IG-GIM step counts (IG(1) and IG(2), GIM's own "
+                   "budget, are always added; default: %(default)s)")
+    p.add_argument("--samples", default="5,10,20", metavar="N,N,...",
+                   help="the budget sweep's GradientShap and NoiseTunnel(GIM) sample counts "
+                   "(default: %(default)s)")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="no budget sweep: each method at one budget (--n-steps, --gradshap-samples)")
     p.add_argument("--seed", type=int, default=0, help="seed for everything random (default: 0)")
     p.add_argument("--n-examples", type=int, default=None, help="examples to explain")
     p.add_argument("--temperature", type=float, default=2.0, help="GIM's TSG temperature (default: 2)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of: gim, gim-tsg, gim-norm, gim-div, gim-off, ig, "
-                   "ig-gim, saliency, ixg, gradshap, random (default: all)")
+                   "ig-gim, saliency, ixg, gradshap, nt-gim, random; a budget with @: ig@8 "
+                   "(default: all)")
     p.add_argument("--bootstrap", type=int, default=None, help="bootstrap resamples for the CIs")
     p.add_argument("--infidelity-samples", type=int, default=None,
                    help="perturbations per example for Captum's infidelity")
@@ -133,8 +142,19 @@ def _safe_name(model: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "model"
 
 
-def run_compare(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
-    r"""Run ``compare`` with parsed arguments; returns the report (also written to disk)."""
+def _counts(text: str, flag: str) -> Tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise ValueError(f"{flag} takes comma-separated positive integers, got {text!r}")
+    return out
+
+
+def run_compare(args: argparse.Namespace, argv: Sequence[str]) -> Any:
+    r"""Run ``compare`` with parsed arguments; returns the
+    :class:`~captum_gim.evaluation.report.Report` (also written to disk)."""
     import torch
 
     start = time.perf_counter()
@@ -155,11 +175,11 @@ def run_compare(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]
 
 def _compare(
     args: argparse.Namespace, argv: Sequence[str], kind: str, start: float
-) -> Dict[str, Any]:
+) -> Any:
     import torch
 
-    from .evaluation.compare import CompareSettings, run_comparison
-    from .evaluation.report import format_group_table, format_summary, format_table, write_json
+    from .evaluation.compare import run_comparison
+    from .evaluation.methods import CompareSettings
     from .evaluation.tasks import load_task
 
     device = args.device
@@ -185,6 +205,7 @@ def _compare(
     out = Path(args.out) if args.out else Path("results") / f"compare-{_safe_name(args.model)}"
     progress = not args.no_progress
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    steps, samples = _counts(args.steps, "--steps"), _counts(args.samples, "--samples")
 
     task = load_task(args.model, inputs=args.inputs, n_examples=n_examples, seed=args.seed,
                      device=device, progress=progress,
@@ -201,55 +222,30 @@ def _compare(
         measure_memory=not args.no_memory,
         progress=progress,
         n_show=args.show,
+        sweep=not args.no_sweep,
+        steps=steps,
+        samples=samples,
     )
     report = run_comparison(task, settings)
-    report["command"] = "captum-gim " + shlex.join(list(argv))
-    report["settings"]["quick"] = bool(args.quick)
-    report["settings"]["model"] = args.model
-    report["settings"]["inputs"] = args.inputs
-    report["settings"]["device"] = device
-    table = format_table(report)
-    groups = format_group_table(report)
-    if groups:
-        table = table + "\n\n" + groups
-    summary = "\n\n".join(
-        s for s in (format_summary(report, "gim"), format_summary(report, "ig-gim")) if s
-    )
-    report["summary"] = summary
-
-    from . import viz
-
-    out.mkdir(parents=True, exist_ok=True)
-    plots = {
-        "Deletion curves": viz.plot_deletion_curves(report, out / "deletion_curves.png").name,
-        "Metrics": viz.plot_metric_bars(report, out / "metrics.png").name,
-        "Time against quality": viz.plot_time_vs_quality(report, out / "time_vs_quality.png").name,
-    }
-    report["files"] = {
-        "json": "report.json",
-        "html": "report.html",
-        "table": "table.txt",
-        "plots": list(plots.values()),
-    }
-    report["wall_seconds_total"] = time.perf_counter() - start
-    viz.comparison_html(report, plots, table, out / "report.html")
-    (out / "table.txt").write_text(table + ("\n\n" + summary if summary else "") + "\n")
-    write_json(report, out / "report.json")
+    report.command = "captum-gim " + shlex.join(list(argv))
+    report.settings.update(quick=bool(args.quick), model=args.model, inputs=args.inputs, device=device)
+    report.wall_seconds_total = time.perf_counter() - start
+    report.save(out)
 
     print()
-    print(f"{report['task']['description']}")
-    print(f"{report['task']['n_examples']} examples, score: {report['task']['score']}, "
+    print(report.task["description"])
+    print(f"{report.task['n_examples']} examples, score: {report.task['score']}, "
           f"device: {device}, seed: {args.seed}")
     print()
-    print(table)
-    if summary:
+    print(report.table())
+    if report.summary:
         print()
-        print(summary)
+        print(report.summary)
     print()
     print(f"Report: {out / 'report.html'}")
     print(f"JSON:   {out / 'report.json'}")
-    print(f"Plots:  {', '.join(str(out / p) for p in plots.values())}")
-    print(f"({report['wall_seconds_total']:.1f} s in all)")
+    print(f"Plots:  {', '.join(str(out / p) for p in report.files['plots'])}")
+    print(f"({report.wall_seconds_total:.1f} s in all)")
     return report
 
 
