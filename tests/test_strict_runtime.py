@@ -307,3 +307,28 @@ def test_no_grad_forward_records_nothing_and_never_raises():
         model(_x())
     h.remove()
     assert scope.records == []
+
+
+class ScaledLN(nn.LayerNorm):
+    """A LayerNorm subclass with its own forward calling the parent's (issue 9's table)."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+def test_layer_norm_subclass_with_own_forward_is_frozen_end_to_end():
+    from captum_gim import GIMAttribution
+    from conftest import ref_layer_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), ScaledLN(4), nn.Linear(4, 3)).to(DT)
+    nn.init.normal_(model[1].weight)
+    x = torch.randn(3, 4, dtype=DT)
+    attr = GIMAttribution(model, strict=True).attribute(x, target=1)
+    xr = x.clone().requires_grad_(True)
+    ln = model[1]
+    out = model[2](ref_layer_norm(model[0](xr), ln.weight, ln.bias, ln.eps, True) * 2.0)[:, 1]
+    (g,) = torch.autograd.grad(out.sum(), xr)
+    (g0,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    assert (attr - g * x).abs().max().item() < 1e-10
+    assert (g - g0).abs().max().item() > 1e-3
