@@ -180,7 +180,7 @@ class _CallState:
         handler = _HANDLERS.get(name)
         if handler is not None:
             return handler(self, func, args, kwargs)
-        cfg = self.config()
+        cfg = self.scope_frame().scope.config
         return self.prov.run(
             name, func, args, kwargs, cfg.divide_grads, cfg.freeze_norms, cfg.keep_norm_mean
         )

@@ -134,6 +134,12 @@ _VIEWS = {
 }
 _NORM_PASS = _CASTS | _VIEWS
 _SQUARES = {"pow", "__pow__", "square", "float_power"}
+#: ops that may tag an output although no input carries a tag (everything else, with
+#: untagged inputs, takes the fast path: its output is a plain hidden-state tensor)
+_FROM_UNTAGGED = _CASTS | _SQUARES | {
+    "mul", "__mul__", "multiply", "mean", "nanmean", "var", "std", "var_mean", "std_mean",
+    "linear",
+}
 _ADDS = {"add", "__add__", "__radd__", "add_", "__iadd__", "sub", "__sub__", "sub_"}
 _CLAMPS = {"clamp", "clamp_min", "clip", "clamp_", "clamp_min_", "maximum"}
 _MULDIV = {
@@ -282,6 +288,19 @@ class Provenance:
         self.freeze = freeze
         if name in _MATMULS:
             return self._matmul(name, func, args, kwargs, divide)
+        if name not in _FROM_UNTAGGED:
+            fast = self._untagged(args, kwargs)
+            if fast is not None:
+                out = func(*args, **kwargs)
+                if isinstance(out, Tensor):
+                    if fast:
+                        self._tags[id(out)] = (weakref.ref(out), _CONST)
+                    else:
+                        self._tags.pop(id(out), None)
+                    return out
+                if not isinstance(out, (tuple, list)):
+                    return out
+                return self._tag_many(name, args, kwargs, out, _tensors(args, kwargs))
         if name in ("sub", "__sub__") and freeze and not keep_mean and len(args) == 2 \
                 and isinstance(args[0], Tensor):
             m = self.tag(args[1])
@@ -328,6 +347,26 @@ class Provenance:
         if kind in (_LIN, _ACT) and name in _VIEWS:
             return _Tag(kind=kind)
         return None
+
+    def _untagged(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[bool]:
+        """None if some tensor input carries a tag other than "constant" (or sits in a
+        list); else whether every tensor input is a constant."""
+        tags, cids = self._tags, self.const_ids
+        all_const = True
+        for a in args if not kwargs else (*args, *kwargs.values()):
+            if isinstance(a, Tensor):
+                i = id(a)
+                if i in cids:
+                    continue
+                e = tags.get(i)
+                if e is not None and e[0]() is a:
+                    if e[1] is _CONST or e[1].const:
+                        continue
+                    return None
+                all_const = False
+            elif isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor):
+                return None
+        return all_const
 
     def _new_root(self, out: Tensor, tag: _Tag) -> Tuple[Tensor, _Tag]:
         """A root of a statistic: wrapped so that it can become a backward constant."""
