@@ -460,3 +460,42 @@ def test_elementwise_gating_of_a_non_linear_tensor_is_left_alone():
     _, g = grads(model, (x,), Scope())
     _, g0 = ref_grads(model, (x,))
     close(g, g0, 1e-12)
+
+
+def test_channels_first_hand_written_layer_norm():
+    """ConvNeXt's channels-first LayerNorm: statistics over dim 1 of (N, C, H, W)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 3, 3, dtype=DT) * 2 + 1
+    w, b = torch.randn(4, dtype=DT), torch.randn(4, dtype=DT)
+
+    def fn(x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        return w[:, None, None] * ((x - u) / torch.sqrt(s + 1e-6)) + b[:, None, None]
+
+    def ref(x):
+        return ref_layer_norm(x.permute(0, 2, 3, 1), w, b, 1e-6, True).permute(0, 3, 1, 2)
+
+    out, g = grads(Call(fn), (x,), Scope())
+    _, rg = ref_grads(ref, (x,))
+    assert torch.equal(out, fn(x))
+    close(g, rg)
+
+
+def test_alibi_style_baddbmm_with_keywords():
+    """BLOOM's ``alibi.baddbmm(batch1=q, batch2=k, beta=1, alpha=scale)``."""
+    q, k, v = (t.reshape(4, 5, 4) for t in qkv())
+    alibi = torch.randn(4, 1, 5, dtype=DT)
+
+    def fn(q, k, v):
+        s = alibi.baddbmm(batch1=q, batch2=k.transpose(1, 2), beta=1.0, alpha=0.5)
+        return torch.bmm(F.softmax(s, dim=-1), v)
+
+    def ref(q, k, v):
+        q, k, v = ref_scale(q, 0.25), ref_scale(k, 0.25), ref_scale(v, 0.5)
+        return torch.bmm(ref_tsg_softmax(alibi + 0.5 * q @ k.transpose(1, 2), 2.0), v)
+
+    out, g = grads(Call(fn), (q, k, v), Scope())
+    _, rg = ref_grads(ref, (q, k, v))
+    assert torch.equal(out, fn(q, k, v))
+    close(g, rg)

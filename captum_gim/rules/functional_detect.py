@@ -26,7 +26,7 @@ What is tracked, and the heuristics (the limits are listed in ``docs/any_model.r
   with a hidden-state tensor is the value product: the gradient of its value operand is
   multiplied by 1/2 (v x1/2), the weights' gradient is left as it is.
 - **hand-written norms**: ``x.pow(2)`` / ``x ** 2`` / ``x * x`` / ``x.square()``
-  followed by ``mean`` (or ``sum`` then a division by a number) over trailing dimensions,
+  followed by ``mean`` (or ``sum`` then a division by a number) over feature dimensions (not 0),
   ``x.var(...)``, ``torch.var_mean`` give a *statistic* of ``x`` (plus ``eps``, clamped,
   cast); ``rsqrt`` / ``sqrt`` / ``pow(±0.5)`` of a statistic, and ``x.std(...)``, give a
   *root*. A root that multiplies or divides ``x`` itself (or ``x`` minus its own mean,
@@ -198,14 +198,16 @@ def _tensors(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[Tensor]:
 
 
 def _trailing(dim: Any, ndim: int) -> bool:
-    """``dim`` names the last dimension(s) of an ``ndim``-dimensional tensor."""
+    """``dim`` names feature dimension(s) of an ``ndim``-dimensional tensor: given
+    explicitly, and never the batch dimension 0 (so ``x.std(0)``, a batch statistic, is
+    not a norm; channels-first ``x.mean(1)`` is)."""
     if dim is None or ndim == 0:
         return False
     dims = [dim] if isinstance(dim, int) else list(dim)
     if not dims or not all(isinstance(d, int) for d in dims):
         return False
-    norm = sorted({d % ndim for d in dims})
-    return norm == list(range(ndim - len(norm), ndim))
+    norm = {d % ndim for d in dims}
+    return ndim == 1 or 0 not in norm
 
 
 def _reduce_dim(args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
@@ -520,9 +522,19 @@ class Provenance:
             eq = args[0]
             rebuild = lambda a, b: (eq, a, b)  # noqa: E731
         elif name == "baddbmm":
-            ops = list(args[1:3])
-            rest = args[3:]
-            rebuild = lambda a, b: (args[0], a, b, *rest)  # noqa: E731
+            if "batch1" in kwargs or "batch2" in kwargs:  # bias.baddbmm(batch1=q, batch2=k)
+                kw = dict(kwargs)
+                a0, b0 = kw.pop("batch1", None), kw.pop("batch2", None)
+                if len(args) != 1 or not isinstance(a0, Tensor) or not isinstance(b0, Tensor):
+                    return self._plain(func, args, kwargs)
+                bias = args[0]
+                kwargs = kw
+                ops = [a0, b0]
+                rebuild = lambda a, b: (bias, a, b)  # noqa: E731
+            else:
+                ops = list(args[1:3])
+                rest = args[3:]
+                rebuild = lambda a, b: (args[0], a, b, *rest)  # noqa: E731
         else:
             ops = list(args[:2])
             rest = args[2:]
