@@ -59,15 +59,15 @@ def paired(
     return MetricSummary.from_dict(bootstrap_ci(d, n_boot, level, rng))
 
 
-def pareto(points: Sequence[Dict[str, Any]], higher_is_better: bool) -> List[str]:
+def pareto(points: Sequence[Dict[str, Any]], higher_is_better: bool, tolerance: float = 0.0) -> List[str]:
     r"""Keys of the points on the Pareto frontier (low ``cost``, good ``mean``), cheapest
-    first."""
+    first. Means within ``tolerance`` of each other count as equal."""
     sign = 1.0 if higher_is_better else -1.0
     on = []
     for p in points:
         dominated = any(
-            q is not p and q["cost"] <= p["cost"] and sign * q["mean"] >= sign * p["mean"]
-            and (q["cost"] < p["cost"] or sign * q["mean"] > sign * p["mean"])
+            q is not p and q["cost"] <= p["cost"] and sign * (q["mean"] - p["mean"]) >= -tolerance
+            and (q["cost"] < p["cost"] or sign * (q["mean"] - p["mean"]) > tolerance)
             for q in points
         )
         if not dominated:
@@ -88,9 +88,11 @@ def _metric_frontier(
             pts.append({"key": m.key, "name": m.name, "cost": float(c), "mean": float(mean)})
     if len(pts) < 2:
         return None
-    front = pareto(pts, higher)
+    front = pareto(pts, higher, tolerance)
     by = {m.key: m for m in methods}
-    best = max(pts, key=lambda p: (sign * p["mean"], -p["cost"]))
+    top_mean = max(sign * p["mean"] for p in pts)
+    # the best: the cheapest of those within the tolerance of the highest mean
+    best = min((p for p in pts if sign * p["mean"] >= top_mean - tolerance), key=lambda p: p["cost"])
     rng = np.random.default_rng([seed, 7])
     cheapest = None
     for p in sorted(pts, key=lambda p: p["cost"]):
@@ -114,8 +116,9 @@ def _metric_frontier(
     if f is not None:
         others = [p for p in pts if p["cost"] <= f["cost"] and p is not f]
         top = max(others, key=lambda p: (sign * p["mean"], -p["cost"])) if others else f
+        gap = sign * (top["mean"] - f["mean"])
         out["focus"] = {"key": focus, "on_frontier": focus in front,
-                        "gap": max(0.0, sign * (top["mean"] - f["mean"])),
+                        "gap": gap if gap > tolerance else 0.0,
                         "best_at_most_as_costly": top["key"]}
     return out
 

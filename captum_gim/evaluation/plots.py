@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from .types import METRIC_TITLES, METRICS, QUALITY_METRICS, MethodResult, ReportData
 
@@ -159,6 +160,9 @@ def _frontier_axes(ax: Axes, report: ReportData, metric: str, cost: str, colours
                    color=colours[key], edgecolor="black" if p["on_frontier"] else "none",
                    linewidth=1.0, zorder=_z(m) + 1, label=m.name)
     ax.set_xscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     ax.set_xlabel("median time per example (ms)" if cost == "median_time_ms"
                   else "forward+backward passes per example", fontsize=10)
     ax.set_title(_title(metric), fontsize=10)

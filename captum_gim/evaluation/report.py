@@ -3,6 +3,7 @@ DataFrame, and :meth:`Report.save` (JSON, PNG plots, an HTML page)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any, Dict, Sequence, Union
@@ -32,7 +33,11 @@ class Report(ReportData):
         r"""The per-method table: mean ± half-width of the CI, the baseline each method
         uses, time, passes and memory (plus per-group means when the task has groups)."""
         lines = columns(table_rows(self))
+        info = self.task.get("info") or {}
         base = self.task.get("baseline", "task baseline")
+        if base == "task baseline":
+            base = (f"the {info['baseline_token']} token at every rankable position" if info.get("baseline_token")
+                    else str(info.get("baseline") or "the task's baseline (see report.json)"))
         lines.append(
             f"± : half-width of the {self.settings['ci_level']:.0%} bootstrap CI over "
             f"{self.task['n_examples']} examples; Baseline: 'task baseline' is {base}; "
@@ -106,7 +111,7 @@ class Report(ReportData):
                     "frontier.png": plot_frontier}
             for name in PLOTS:
                 written[name] = draw[name](self, out / name)
-        self.files = {"json": "report.json", "html": "report.html", "table": "table.txt",
+        self.files = {"json": "report.json", "html": "report.html", "table": "table.txt", "csv": "table.csv",
                       "plots": [p for p in PLOTS if p in written]}
         from .page import comparison_html
 
@@ -114,6 +119,9 @@ class Report(ReportData):
         written["html"] = comparison_html(self, {PLOTS[p]: p for p in self.files["plots"]}, out / "report.html")
         (out / "table.txt").write_text(table + ("\n\n" + self.summary if self.summary else "") + "\n")
         written["table"] = out / "table.txt"
+        with open(out / "table.csv", "w", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerows(table_rows(self))
+        written["csv"] = out / "table.csv"
         written["json"] = write_json(self, out / "report.json")
         return written
 
