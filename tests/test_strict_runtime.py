@@ -332,3 +332,25 @@ def test_layer_norm_subclass_with_own_forward_is_frozen_end_to_end():
     (g0,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
     assert (attr - g * x).abs().max().item() < 1e-10
     assert (g - g0).abs().max().item() > 1e-3
+
+
+def test_reentrant_checkpoint_is_named():
+    """use_reentrant=True runs the block with autograd off and recomputes it plainly in the
+    backward pass: strict mode names the norm that would keep its plain gradient."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = nn.LayerNorm(4).to(DT)
+
+        def forward(self, x):
+            return checkpoint(self.ln, x, use_reentrant=True)
+
+    model = Ckpt()
+    scope = Scope()
+    h = install_functional(model, lambda: scope)
+    with pytest.raises(UncoveredOperationError, match="use_reentrant"):
+        model(_x())
+    h.remove()
+    assert _get_current_function_mode_stack() == []

@@ -89,6 +89,11 @@ COVERED_OPS = (
     "multi_head_attention_forward", "softmax",
 )
 
+#: ops that must not run with autograd off inside a forward pass that started with it on
+_NEED_GRAD = frozenset(
+    ("scaled_dot_product_attention", "layer_norm", "rms_norm", "multi_head_attention_forward")
+)
+
 _STATE: ContextVar[Optional["_CallState"]] = ContextVar("captum_gim_functional", default=None)
 
 
@@ -98,6 +103,7 @@ class _Frame:
     key: object
     scope: Any
     exc: Optional[BaseException]
+    grad: bool = True  # autograd was on when this root's forward began
 
 
 class _Mode(TorchFunctionMode):
@@ -176,6 +182,11 @@ class _CallState:
                 self.note(name, f"rule:{rule}")
             return func(*args, **kwargs)
         if not torch.is_grad_enabled():
+            if name in _NEED_GRAD and self.frames[0].grad:
+                self.note(name, "none", reason="ran with autograd off inside a forward pass run "
+                          "with it on, so GIM cannot reach its backward (torch.utils.checkpoint "
+                          "with use_reentrant=True recomputes it later, plainly); use "
+                          "use_reentrant=False or no checkpointing")
             return func(*args, **kwargs)
         handler = _HANDLERS.get(name)
         if handler is not None:
@@ -450,7 +461,7 @@ def _pre_hook(key: object, get_active: Callable[[], Any], module: nn.Module, arg
         st.mode.__enter__()
     st.const_ids.update(id(p) for p in module.parameters())
     st.const_ids.update(id(b) for b in module.buffers())
-    st.frames.append(_Frame(module, key, scope, sys.exc_info()[1]))
+    st.frames.append(_Frame(module, key, scope, sys.exc_info()[1], torch.is_grad_enabled()))
     st.path.append((key, "", module))
 
 
