@@ -16,7 +16,10 @@ The trained model is cached like the default one, keyed by its settings.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
 import random
 import time
 import warnings
@@ -109,6 +112,19 @@ def _code_vocab(dataset: Any) -> Dict[str, int]:
     return {str(k): int(v) for k, v in dict(vocab).items()}
 
 
+@contextlib.contextmanager
+def _quiet_pyhealth() -> Any:
+    r"""PyHealth's INFO logging (and prints) off for the block, restored after."""
+    log = logging.getLogger("pyhealth")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
+
+
 def _train(model: Any, dataset: Any, settings: PyHealthSettings, progress: bool) -> Dict[str, float]:
     from pyhealth.datasets import get_dataloader
     from tqdm.auto import tqdm
@@ -174,7 +190,8 @@ def pyhealth_task(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with warnings.catch_warnings():
+        # PyHealth logs its processors' vocabularies ("Label label vocab: ..."): not ours to show
+        with warnings.catch_warnings(), _quiet_pyhealth():
             warnings.simplefilter("ignore")
             train_samples, _ = ehr_samples(_train_kinds(settings.n_train, settings.train_seed),
                                            settings.train_seed)
