@@ -77,7 +77,21 @@ def _x() -> Tensor:
 
 
 def _snapshot(model: nn.Module):
-    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]
+    from torch.nn.modules import module as M
+
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] + [
+        (len(M._global_forward_hooks), len(M._global_forward_pre_hooks))
+    ]
+
+
+def test_only_the_root_gets_hooks():
+    model = Net(ExpSoftmax())
+    before = _snapshot(model)
+    h = install_functional(model, lambda: None)
+    during = _snapshot(model)
+    h.remove()
+    assert during[0] == (before[0][0] + 1, before[0][1] + 1) and during[1:] == before[1:]
+    assert _snapshot(model) == before
 
 
 @pytest.mark.parametrize(
@@ -186,9 +200,13 @@ def test_keyboard_interrupt_is_cleaned_up_by_the_next_call():
         model(_x())
     assert len(_get_current_function_mode_stack()) == 1  # nn.Module runs no hook for it
     model.stop = False
+    before = _snapshot(model)
     model(_x())
     assert _get_current_function_mode_stack() == []
     h.remove()
+    from torch.nn.modules import module as M
+
+    assert not M._global_forward_hooks and not M._global_forward_pre_hooks
 
 
 def test_other_models_in_the_same_thread_are_untouched():

@@ -130,6 +130,9 @@ class _CallState:
     owner: Optional[FrameType]
     frames: List[_Frame] = field(default_factory=list)
     path: List[Tuple[object, str, nn.Module]] = field(default_factory=list)
+    #: id(module) -> [(install key, module path under that install's root)]
+    names: Dict[int, List[Tuple[object, str]]] = field(default_factory=dict)
+    hooks_held: bool = False
     entries: List[_Entry] = field(default_factory=list)
     const_ids: Set[int] = field(default_factory=set)
     token: Optional[Token] = None
@@ -414,6 +417,9 @@ def _alive(frame: Optional[FrameType]) -> bool:
 
 
 def _close(st: _CallState) -> None:
+    if st.hooks_held:
+        _release_global_hooks()
+        st.hooks_held = False
     if st.mode is not None:
         _remove_mode(st.mode)
         st.mode = None
@@ -450,15 +456,21 @@ def _pre_hook(key: object, get_active: Callable[[], Any], module: nn.Module, arg
         st = None
         _STATE.set(None)
     scope = get_active()
-    if st is None and scope is None:
+    if st is None and (scope is None or not torch.is_grad_enabled()):
+        # no scope, or no autograd (nothing to cover): no mode, so every forward path
+        # (e.g. nn.TransformerEncoderLayer's fused inference path) stays as it is
         return
     if scope is not None and (_compiling() or _is_compiled(module)):
         raise RuntimeError(_COMPILE_MSG.format(type(module).__name__))
     if st is None:
         st = _CallState(thread=threading.get_ident(), owner=_owner())
         st.token = _STATE.set(st)
+        _acquire_global_hooks()
+        st.hooks_held = True
         st.mode = _Mode(st)
         st.mode.__enter__()
+    for name, m in module.named_modules():
+        st.names.setdefault(id(m), []).append((key, name))
     st.const_ids.update(id(p) for p in module.parameters())
     st.const_ids.update(id(b) for b in module.buffers())
     st.frames.append(_Frame(module, key, scope, sys.exc_info()[1], torch.is_grad_enabled()))
@@ -487,20 +499,62 @@ def _post_hook(key: object, module: nn.Module, args: Any, kwargs: Any, result: A
     _report(module, entries, raise_errors=not failed)
 
 
-def _sub_pre(key: object, name: str, module: nn.Module, args: Any) -> None:
+# The module path of the running forward is kept by process-wide module hooks, held only
+# while some thread runs a root forward in the mode: hooks on the submodules themselves
+# would change what runs (nn.TransformerEncoderLayer skips its fused path when any of its
+# modules has a hook). Each call looks up the calling context's state; others return.
+_global_lock = threading.Lock()
+_global_users = 0
+_global_handles: List[Any] = []
+
+
+def _acquire_global_hooks() -> None:
+    global _global_users
+    with _global_lock:
+        if _global_users == 0:
+            from torch.nn.modules.module import (
+                register_module_forward_hook,
+                register_module_forward_pre_hook,
+            )
+
+            _global_handles[:] = [
+                register_module_forward_pre_hook(_any_pre),
+                register_module_forward_hook(_any_post, always_call=True),
+            ]
+        _global_users += 1
+
+
+def _release_global_hooks() -> None:
+    global _global_users
+    with _global_lock:
+        _global_users -= 1
+        if _global_users == 0:
+            for h in _global_handles:
+                h.remove()
+            _global_handles.clear()
+
+
+def _any_pre(module: nn.Module, args: Any) -> None:
     st = _STATE.get()
-    if st is not None and st.frames:
+    if st is None or not st.frames:
+        return
+    for key, name in st.names.get(id(module), ()):
         st.path.append((key, name, module))
 
 
-def _sub_post(key: object, module: nn.Module, args: Any, result: Any) -> None:
+def _any_post(module: nn.Module, args: Any, result: Any) -> None:
     st = _STATE.get()
     if st is None:
         return
-    for i in range(len(st.path) - 1, -1, -1):
-        if st.path[i][0] is key and st.path[i][2] is module:
-            del st.path[i:]
-            return
+    path = st.path
+    i = len(path) - 1
+    while i >= 0 and path[i][2] is not module:
+        i -= 1
+    if i < 0:
+        return
+    while i > 0 and path[i - 1][2] is module:
+        i -= 1
+    del path[i:]
 
 
 # -- the entry point -----------------------------------------------------------------------
@@ -511,9 +565,9 @@ def install_functional(
 ) -> Handle:
     r"""Give ``model`` function-level GIM while ``get_active()`` returns a scope.
 
-    Registers a forward pre-hook and a forward hook on the root module, and on every
-    submodule a pair of hooks that keep the module path of the running forward (for
-    reports). Nothing else is changed; the handle removes every hook.
+    Registers a forward pre-hook and a forward hook on the root module; nothing else is
+    changed (while a root forward runs in the mode, process-wide module hooks keep the
+    module path for reports, and are removed when it ends). The handle removes both hooks.
 
     Args:
         model (nn.Module): the root module.
@@ -537,12 +591,6 @@ def install_functional(
             _bind(_post_hook, key), with_kwargs=True, always_call=True, prepend=True
         ),
     ]
-    for name, sub in model.named_modules():
-        if sub is model:
-            continue
-        handles.append(sub.register_forward_pre_hook(_bind(_sub_pre, key, name)))
-        handles.append(sub.register_forward_hook(_bind(_sub_post, key), always_call=True))
-
     def undo() -> None:
         for h in handles:
             h.remove()
