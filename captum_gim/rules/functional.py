@@ -1,12 +1,10 @@
 r"""GIM for any PyTorch model, by what its forward pass computes.
 
-:func:`install_functional` puts a forward pre-hook and a forward hook on a model's root
-module. While a GIM scope is active for that model in the calling context (its
-``get_active`` callable returns the scope; it reads a :class:`~contextvars.ContextVar`,
-so other threads and asyncio tasks are untouched), each call of the root's forward runs
-inside a :class:`~torch.overrides.TorchFunctionMode` that is entered by the pre-hook and
-left by the forward hook (``always_call=True``: also when the forward raises). Other
-models run in the same thread, and this model outside a scope, see no mode at all.
+:func:`install_functional` hooks a model's root module. While ``get_active()`` returns a
+scope (it reads a ContextVar: other threads and tasks are untouched), each call of the
+root's forward with autograd on runs inside a :class:`~torch.overrides.TorchFunctionMode`
+entered by the pre-hook and left by the forward hook (``always_call=True``, also when
+the forward raises). Other models, and this one outside a scope, see no mode at all.
 
 Inside the mode, these functions get GIM's backward pass wherever they are called from
 (forward values are unchanged, bit for bit):
@@ -50,7 +48,7 @@ from __future__ import annotations
 import inspect
 import sys
 import threading
-from contextvars import ContextVar, Token
+from contextvars import Token
 from dataclasses import dataclass, field
 from types import FrameType, SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Protocol, Set, Tuple
@@ -67,6 +65,9 @@ from ..registry import Handle
 from .functional_detect import AttentionEvent, Provenance, canonical_name
 from .functional_report import Entry as _Entry
 from .functional_report import Where as _Where
+from .functional_report import STATE as _STATE
+from .functional_report import acquire_global_hooks as _acquire_global_hooks
+from .functional_report import release_global_hooks as _release_global_hooks
 from .functional_report import report as _report
 from .torch_nn import gim_multihead_attention_forward
 
@@ -94,7 +95,6 @@ _NEED_GRAD = frozenset(
     ("scaled_dot_product_attention", "layer_norm", "rms_norm", "multi_head_attention_forward")
 )
 
-_STATE: ContextVar[Optional["_CallState"]] = ContextVar("captum_gim_functional", default=None)
 
 
 @dataclass
@@ -497,64 +497,6 @@ def _post_hook(key: object, module: nn.Module, args: Any, kwargs: Any, result: A
     entries = st.finish()
     st.frames.clear()
     _report(module, entries, raise_errors=not failed)
-
-
-# The module path of the running forward is kept by process-wide module hooks, held only
-# while some thread runs a root forward in the mode: hooks on the submodules themselves
-# would change what runs (nn.TransformerEncoderLayer skips its fused path when any of its
-# modules has a hook). Each call looks up the calling context's state; others return.
-_global_lock = threading.Lock()
-_global_users = 0
-_global_handles: List[Any] = []
-
-
-def _acquire_global_hooks() -> None:
-    global _global_users
-    with _global_lock:
-        if _global_users == 0:
-            from torch.nn.modules.module import (
-                register_module_forward_hook,
-                register_module_forward_pre_hook,
-            )
-
-            _global_handles[:] = [
-                register_module_forward_pre_hook(_any_pre),
-                register_module_forward_hook(_any_post, always_call=True),
-            ]
-        _global_users += 1
-
-
-def _release_global_hooks() -> None:
-    global _global_users
-    with _global_lock:
-        _global_users -= 1
-        if _global_users == 0:
-            for h in _global_handles:
-                h.remove()
-            _global_handles.clear()
-
-
-def _any_pre(module: nn.Module, args: Any) -> None:
-    st = _STATE.get()
-    if st is None or not st.frames:
-        return
-    for key, name in st.names.get(id(module), ()):
-        st.path.append((key, name, module))
-
-
-def _any_post(module: nn.Module, args: Any, result: Any) -> None:
-    st = _STATE.get()
-    if st is None:
-        return
-    path = st.path
-    i = len(path) - 1
-    while i >= 0 and path[i][2] is not module:
-        i -= 1
-    if i < 0:
-        return
-    while i > 0 and path[i - 1][2] is module:
-        i -= 1
-    del path[i:]
 
 
 # -- the entry point -----------------------------------------------------------------------

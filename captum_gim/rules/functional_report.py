@@ -1,4 +1,4 @@
-r"""What the functional layer says about the operations of one forward pass.
+r"""Where the functional layer is in a forward pass, and what it says about what ran.
 
 Every normalisation, attention softmax and gated product that ran is an :class:`Entry`
 with its cover; :func:`report` records each on its scope (``scope.record(path,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -18,7 +19,11 @@ from torch import nn
 
 from ..errors import UncoveredOperationError, UncoveredOperationWarning
 
-__all__ = ["Where", "Entry", "report"]
+__all__ = ["Where", "Entry", "report", "STATE", "acquire_global_hooks", "release_global_hooks"]
+
+#: the state of the root forward running in the functional mode in this context (a
+#: ``functional._CallState``: ``frames``, ``path``, ``names``), or None
+STATE: ContextVar[Optional[Any]] = ContextVar("captum_gim_functional", default=None)
 
 
 @dataclass
@@ -97,3 +102,63 @@ def report(root: nn.Module, entries: List[Entry], raise_errors: bool) -> None:
                 continue
             _warned.add(wkey)
         warnings.warn(_message(root, items, False), UncoveredOperationWarning, stacklevel=3)
+
+
+# The module path of the running forward is kept by process-wide module hooks, held only
+# while some thread runs a root forward in the mode: hooks on the submodules themselves
+# would change what runs (nn.TransformerEncoderLayer skips its fused path when any of its
+# modules has a hook). Each call looks up the calling context's state; others return.
+_global_lock = threading.Lock()
+_global_users = 0
+_global_handles: List[Any] = []
+
+
+def acquire_global_hooks() -> None:
+    """Hold the process-wide path-keeping module hooks (reference-counted)."""
+    global _global_users
+    with _global_lock:
+        if _global_users == 0:
+            from torch.nn.modules.module import (
+                register_module_forward_hook,
+                register_module_forward_pre_hook,
+            )
+
+            _global_handles[:] = [
+                register_module_forward_pre_hook(_any_pre),
+                register_module_forward_hook(_any_post, always_call=True),
+            ]
+        _global_users += 1
+
+
+def release_global_hooks() -> None:
+    """Release them; the last user removes them."""
+    global _global_users
+    with _global_lock:
+        _global_users -= 1
+        if _global_users == 0:
+            for h in _global_handles:
+                h.remove()
+            _global_handles.clear()
+
+
+def _any_pre(module: nn.Module, args: Any) -> None:
+    st = STATE.get()
+    if st is None or not st.frames:
+        return
+    for key, name in st.names.get(id(module), ()):
+        st.path.append((key, name, module))
+
+
+def _any_post(module: nn.Module, args: Any, result: Any) -> None:
+    st = STATE.get()
+    if st is None:
+        return
+    path = st.path
+    i = len(path) - 1
+    while i >= 0 and path[i][2] is not module:
+        i -= 1
+    if i < 0:
+        return
+    while i > 0 and path[i - 1][2] is module:
+        i -= 1
+    del path[i:]
