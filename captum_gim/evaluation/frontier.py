@@ -22,7 +22,7 @@ import numpy as np
 from .metrics import bootstrap_ci
 from .types import METRICS, QUALITY_METRICS, MethodResult, MetricSummary
 
-__all__ = ["verdict", "paired", "pareto", "frontier_report", "COSTS"]
+__all__ = ["verdict", "paired", "pareto", "frontier_report", "frontier_summary", "COSTS"]
 
 #: cost name -> how to read it from a method's result
 COSTS: Dict[str, Callable[[MethodResult], Optional[float]]] = {
