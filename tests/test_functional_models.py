@@ -414,3 +414,27 @@ def test_gim_attribution_strict_names_an_uncovered_softmax():
 
     with pytest.raises(UncoveredOperationError, match="exp of attention scores"):
         GIMAttribution(Mixer(), strict=True).attribute(torch.randn(2, 5, 4, dtype=DT), target=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("which", ["nanogpt", "timm-qk_norm-explicit", "torchvision"])
+def test_gim_attribution_end_to_end(which):
+    """Through GIMAttribution (non-strict: scope.py's name pre-check only warns), each model
+    gets the textbook GIM attribution: gradient x input."""
+    from captum_gim import GIMAttribution
+
+    if which == "nanogpt":
+        gpt = make_gpt("LayerNorm", "CausalSelfAttention", True)
+        model, x = LastLogits(gpt), _gpt_input(gpt)
+        ref = lambda e: ref_gpt(gpt, e)[:, -1, 3]  # noqa: E731
+        target = 3
+    else:
+        model = make_timm_vit(True, False) if which.startswith("timm") else make_tv_vit()
+        x = torch.randn(2, 3, 32, 32, dtype=DT, generator=torch.Generator().manual_seed(4))
+        fn = ref_timm_vit if which.startswith("timm") else ref_tv_vit
+        ref = lambda e: fn(model, e)[:, 1]  # noqa: E731
+        target = 1
+    attr = GIMAttribution(model).attribute(x, target=target)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(ref(xr).sum(), xr)
+    assert (attr - g * x).abs().max().item() < TOL * max(1.0, (g * x).abs().max().item())
