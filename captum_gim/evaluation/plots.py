@@ -87,14 +87,14 @@ def plot_deletion_curves(report: ReportData, path: Path) -> Path:
         ax.plot(xs, _floats(c["mean"]), ls, color=colours[m.key], label=label, lw=lw, zorder=_z(m))
         ax.fill_between(xs, _floats(c["ci_low"]), _floats(c["ci_high"]), color=colours[m.key],
                         alpha=0.07, zorder=_z(m) - 1)
-    ax.set_xlabel(f"fraction of {report.task['unit']}s removed (most important first)", fontsize=11)
-    ax.set_ylabel(report.task["score"], fontsize=11)
+    ax.set_xlabel(f"fraction of {report.task['unit']}s removed (most important first)", fontsize=12)
+    ax.set_ylabel(report.task["score"], fontsize=12)
     ax.set_title(f"Deletion curves: {report.task['name']} (lower = more faithful)", fontsize=12)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     order = sorted(range(len(labels)), key=lambda i: [m.name for m in report.methods].index(
         labels[i].split(" (AUC")[0]))
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=9,
+    ax.legend([handles[i] for i in order], [labels[i] for i in order], fontsize=11,
               loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, path)
 
@@ -126,14 +126,14 @@ def plot_metrics(report: ReportData, path: Path) -> Path:
         ax.barh(y, means, xerr=errs, color=[colours[r.key] for r in report.methods],
                 edgecolor=["black" if r.key == "gim" else "none" for r in report.methods],
                 capsize=2)
-        ax.set_yticks(y, [r.name for r in report.methods] if j % cols == 0 else [""] * n, fontsize=9)
+        ax.set_yticks(y, [r.name for r in report.methods] if j % cols == 0 else [""] * n, fontsize=11)
         ax.invert_yaxis()
-        ax.set_title(_title(metric), fontsize=11)
+        ax.set_title(_title(metric), fontsize=12)
         ax.grid(axis="x", alpha=0.3)
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
     fig.suptitle(f"{report.task['name']}: mean and {report.settings['ci_level']:.0%} bootstrap CI over "
-                 f"{report.task['n_examples']} examples", fontsize=12)
+                 f"{report.task['n_examples']} examples", fontsize=12, y=1.005)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -164,8 +164,8 @@ def _frontier_axes(ax: Axes, report: ReportData, metric: str, cost: str, colours
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     ax.set_xlabel("median time per example (ms)" if cost == "median_time_ms"
-                  else "forward+backward passes per example", fontsize=10)
-    ax.set_title(_title(metric), fontsize=10)
+                  else "forward+backward passes per example", fontsize=12)
+    ax.set_title(_title(metric), fontsize=12)
     ax.grid(alpha=0.3, which="both")
 
 
@@ -184,9 +184,9 @@ def plot_frontier(report: ReportData, path: Path, metrics: Optional[Sequence[str
     names = [m.name for m in report.methods] + ["Pareto frontier"]
     order = sorted(range(len(labels)), key=lambda i: names.index(labels[i]) if labels[i] in names else 0)
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center",
-               bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=9, frameon=False)
+               bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=11, frameon=False)
     fig.suptitle(f"Cost against quality: {report.task['name']} "
                  f"({report.versions.get('torch_threads')} thread(s) on {report.task['device']}; "
-                 "outlined: on the frontier)", fontsize=11)
+                 "outlined: on the frontier)", fontsize=12, y=1.01)
     fig.tight_layout()
     return _save(fig, path)
