@@ -20,14 +20,26 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional, Sequence, Union
+from typing import Any, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from ..attr._common import make_config
 from ..attr.layer_gim import LayerGIM
+from ..config import GIMConfig
+from .text_result import MODEL_KINDS, TextAttribution, recommended_baseline_token
 
-__all__ = ["answer_token_attribution", "last_token_logits", "default_baseline_token_id"]
+__all__ = [
+    "answer_token_attribution",
+    "last_token_logits",
+    "default_baseline_token_id",
+    "next_token_attribution",
+    "text_classification_attribution",
+    "recommended_baseline_token",
+    "TextAttribution",
+    "MODEL_KINDS",
+]
 
 TokenIds = Union[int, Sequence[int], Tensor]
 
@@ -118,12 +130,13 @@ def answer_token_attribution(
     attention_mask: Optional[Tensor] = None,
     baseline_token_id: Optional[int] = None,
     position_ids: Union[str, Tensor, None] = "auto",
-    temperature: float = 2.0,
-    freeze_norms: bool = True,
-    divide_grads: bool = True,
-    keep_norm_mean: bool = True,
+    temperature: float = GIMConfig.temperature,
+    freeze_norms: bool = GIMConfig.freeze_norms,
+    divide_grads: bool = GIMConfig.divide_grads,
+    keep_norm_mean: bool = GIMConfig.keep_norm_mean,
     strict: bool = False,
     sum_hidden: bool = True,
+    config: Optional[GIMConfig] = None,
 ) -> Tensor:
     r"""GIM attribution of an answer token's raw logit at the last position, per input token.
 
@@ -147,8 +160,8 @@ def answer_token_attribution(
         position_ids ("auto", Tensor or None): ``"auto"`` (default) passes the position ids
             ``generate`` would use when a causal LM gets left-padded rows (so a padded row
             sees the positions it would see alone); None never passes any.
-        temperature, freeze_norms, divide_grads, keep_norm_mean, strict: as in
-            :class:`~captum_gim.LayerGIM`.
+        temperature, freeze_norms, divide_grads, keep_norm_mean, strict, config: as in
+            :class:`~captum_gim.LayerGIM` (one ``GIMConfig`` is built here and passed on).
         sum_hidden (bool): sum over the hidden size (default) or return
             ``(batch, length, hidden)``.
 
@@ -167,6 +180,13 @@ def answer_token_attribution(
         >>> answer_token_attribution(model, ids, answer_token_id=11).shape
         torch.Size([1, 4])
     """
+    settings = make_config(
+        config,
+        temperature=temperature,
+        freeze_norms=freeze_norms,
+        divide_grads=divide_grads,
+        keep_norm_mean=keep_norm_mean,
+    )
     if input_ids.dim() == 1:
         input_ids = input_ids.unsqueeze(0)
         if attention_mask is not None and attention_mask.dim() == 1:
@@ -194,10 +214,7 @@ def answer_token_attribution(
         functools.partial(last_token_logits, model),
         get_emb(),
         model=model,
-        temperature=temperature,
-        freeze_norms=freeze_norms,
-        divide_grads=divide_grads,
-        keep_norm_mean=keep_norm_mean,
+        config=settings,
         strict=strict,
     )
     attr = method.attribute(
@@ -211,3 +228,129 @@ def answer_token_attribution(
     if attention_mask is not None:
         attr = attr * attention_mask.to(attr.dtype).unsqueeze(-1)
     return attr.sum(-1) if sum_hidden else attr
+
+
+def _tokens(tokenizer: Any, ids: Tensor) -> List[str]:
+    return [str(t) for t in tokenizer.convert_ids_to_tokens(ids.tolist())]
+
+
+def next_token_attribution(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    answer: Union[None, int, str] = None,
+    *,
+    baseline_token: Union[None, int, str] = None,
+    strict: bool = False,
+    config: Optional[GIMConfig] = None,
+    **settings: Any,
+) -> TextAttribution:
+    r"""GIM attribution of a causal LM's next token to the prompt's tokens.
+
+    The paper's setting through :func:`answer_token_attribution`: the raw logit of
+    ``answer`` at the last position; the baseline is
+    ``recommended_baseline_token(tokenizer, "causal-lm", baseline_token)`` at every
+    position.
+
+    Args:
+        model (nn.Module): a Hugging Face ``...ForCausalLM``.
+        tokenizer: its tokenizer.
+        prompt (str): the prompt.
+        answer (int or str, optional): the answer token (id or token string); None: the
+            model's own greedy next token.
+        baseline_token (int or str, optional): overrides the recommended baseline.
+        strict, config, **settings: as in :func:`answer_token_attribution`
+            (``temperature``, ``freeze_norms``, ``divide_grads``, ``keep_norm_mean``).
+
+    Returns:
+        TextAttribution: tokens, scores, the answer token and the last-position logits.
+
+    Examples::
+
+        >>> res = next_token_attribution(model, tokenizer, "the cat sat on the")  # doctest: +SKIP
+        >>> res.to_dataframe()                                                  # doctest: +SKIP
+    """
+    cfg = make_config(config, **settings)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = last_token_logits(model, ids)[0]
+    if answer is None:
+        target = int(logits.argmax())
+    elif isinstance(answer, str):
+        target = int(tokenizer.convert_tokens_to_ids(answer))
+    else:
+        target = int(answer)
+    base = recommended_baseline_token(tokenizer, "causal-lm", baseline_token)
+    scores = answer_token_attribution(
+        model, ids, target, baseline_token_id=base, strict=strict, config=cfg
+    )[0]
+    return TextAttribution(
+        tokens=_tokens(tokenizer, ids[0]),
+        scores=scores,
+        target=target,
+        target_label=str(tokenizer.convert_ids_to_tokens(target)),
+        output=logits,
+        baseline_token_id=base,
+    )
+
+
+def text_classification_attribution(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    target: Optional[int] = None,
+    *,
+    baseline_token: Union[None, int, str] = None,
+    strict: bool = False,
+    config: Optional[GIMConfig] = None,
+    **settings: Any,
+) -> TextAttribution:
+    r"""GIM attribution of a sequence classifier's class logit to the text's tokens.
+
+    :class:`~captum_gim.LayerGIM` at ``model.get_input_embeddings()``, the target being
+    the raw logit of ``target`` (default: the predicted class), the baseline
+    ``recommended_baseline_token(tokenizer, "encoder", baseline_token)`` at every
+    position (special tokens included, as in the causal-LM setting).
+
+    Args:
+        model (nn.Module): a Hugging Face ``...ForSequenceClassification``.
+        tokenizer: its tokenizer.
+        text (str): the text.
+        target (int, optional): the class; None: the predicted class.
+        baseline_token, strict, config, **settings: as in :func:`next_token_attribution`.
+
+    Returns:
+        TextAttribution: tokens, scores, the class (label from ``config.id2label``) and
+        the logits.
+
+    Examples::
+
+        >>> res = text_classification_attribution(clf, tokenizer, "a fine film")  # doctest: +SKIP
+        >>> res.visualize()                                                     # doctest: +SKIP
+    """
+    cfg = make_config(config, **settings)
+    enc = tokenizer(text, return_tensors="pt")
+    ids = enc["input_ids"]
+    mask = enc.get("attention_mask")
+
+    def forward(x: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        return model(input_ids=x, attention_mask=attention_mask).logits
+
+    with torch.no_grad():
+        logits = forward(ids, mask)[0]
+    cls = int(logits.argmax()) if target is None else int(target)
+    base = recommended_baseline_token(tokenizer, "encoder", baseline_token)
+    method = LayerGIM(forward, model.get_input_embeddings(), model=model, config=cfg, strict=strict)
+    attr = method.attribute(
+        ids, baselines=base, target=cls, additional_forward_args=(mask,)
+    )
+    assert isinstance(attr, Tensor)
+    labels = getattr(getattr(model, "config", None), "id2label", None) or {}
+    return TextAttribution(
+        tokens=_tokens(tokenizer, ids[0]),
+        scores=attr.detach()[0].sum(-1),
+        target=cls,
+        target_label=str(labels.get(cls, cls)),
+        output=logits,
+        baseline_token_id=base,
+    )
