@@ -141,7 +141,9 @@ def is_causal_lm(architectures: Sequence[str]) -> bool:
     )
 
 
-def resolve_baseline_token(tokenizer: Any, config: Any, named: Optional[str] = None) -> Tuple[int, str, str]:
+def resolve_baseline_token(
+    tokenizer: Any, config: Any, named: Optional[str] = None
+) -> Tuple[int, str, str]:
     r"""The baseline token id, its text, and where it came from: ``named`` (a token of the
     vocabulary, or an id) if given, else the pad token, else EOS (the tokenizer's, else the
     model config's).
@@ -220,8 +222,8 @@ def causal_lm_task(
         )
     prompts = read_prompts(inputs)[:n_examples]
     tokenizer = load_tokenizer(path)
-    check_known_tokens(tokenizer, [p.prompt for p in prompts] + [p.answer for p in prompts if p.answer],
-                       path)
+    texts = [p.prompt for p in prompts] + [p.answer for p in prompts if p.answer]
+    check_known_tokens(tokenizer, texts, path)
     with quiet_transformers():
         hf = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
     base_id, base_tok, base_from = resolve_baseline_token(tokenizer, hf.config, baseline_token)
