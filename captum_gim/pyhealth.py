@@ -39,7 +39,8 @@ except ImportError as _e:  # pragma: no cover - depends on the environment
     raise ImportError(f"{_INSTALL_HINT}. ({_e})") from _e
 
 from .viz import plot_timeseries_attributions
-from .adapters.pyhealth import MASK_MODES, PyHealthAdapter, PyHealthGIM, PyHealthInputs
+from .adapters.pyhealth import MASK_MODES, PyHealthAdapter, PyHealthInputs
+from .adapters.pyhealth_gim import PyHealthGIM
 from .rules.pyhealth import pyhealth_compatible_registry
 
 __all__ = [

@@ -135,3 +135,66 @@ def test_hf_model_output() -> None:
         model, TypeError, "returned a SequenceClassifierOutput",
         lambda: GIMAttribution(lambda e: model(inputs_embeds=e), model=model).attribute(emb, target=0),
     )
+
+
+# --- PyHealth: codes outside the vocabulary, batches of mismatched size ------------------
+
+
+@pytest.fixture(scope="module")
+def ph():
+    pytest.importorskip("pyhealth")
+    from _pyhealth_synth import ehr_dataset, first_batch
+    from pyhealth.models import Transformer
+
+    ds = ehr_dataset(n=24)
+    torch.manual_seed(0)
+    model = Transformer(ds, embedding_dim=8, heads=1, num_layers=1)  # left in train mode
+    return model, first_batch(ds, 6)
+
+
+def _ph_cases(batch):
+    codes = batch["codes"]
+    value = codes[0] if isinstance(codes, (tuple, list)) else codes
+    rest = tuple(codes[1:]) if isinstance(codes, (tuple, list)) else ()
+    big = value.clone()
+    big[1, 0] = 10_000
+    neg = value.clone()
+    neg[0, 0] = -3
+    short = value[:4]
+
+    def put(v):
+        return dict(batch, codes=(v, *rest) if rest else v)
+
+    return {
+        "out-of-vocabulary": (put(big), "outside the model's vocabulary"),
+        "negative-id": (put(neg), "outside the model's vocabulary"),
+        "mismatched": (put(short), "different numbers of patients"),
+    }
+
+
+@pytest.mark.parametrize("case", ["out-of-vocabulary", "negative-id", "mismatched"])
+def test_pyhealth_batch_errors(ph, case) -> None:
+    from captum_gim.pyhealth import PyHealthGIM
+
+    model, batch = ph
+    bad, match = _ph_cases(batch)[case]
+    gim = PyHealthGIM(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        gim.attribute(**bad)
+    assert snapshot(model) == before and model.training  # training flag untouched
+    gim.attribute(**batch)  # the good batch works (and leaves the flag as it was)
+    assert model.training
+
+
+def test_pyhealth_config_once(ph) -> None:
+    from captum_gim import GIMConfig
+    from captum_gim.pyhealth import PyHealthGIM
+
+    model, _ = ph
+    g = PyHealthGIM(model, temperature=3.0, keep_norm_mean=False)
+    assert g.config == GIMConfig(temperature=3.0, keep_norm_mean=False)
+    assert g.gim.config is g.config and g.temperature == 3.0
+    compat = PyHealthGIM(model, temperature=0.5, pyhealth_compatible=True)
+    assert compat.config == GIMConfig(temperature=1.0, keep_norm_mean=False)
+    assert PyHealthGIM(model, config=GIMConfig(temperature=1.5)).gim.temperature == 1.5

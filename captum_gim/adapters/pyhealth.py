@@ -21,7 +21,8 @@ any Captum gradient method takes:
 and maps Captum's attributions back to ``{feature_key: tensor shaped like the raw input
 values}`` (token features summed over the embedding dimension).
 
-:class:`PyHealthGIM` is a drop-in replacement for ``pyhealth.interpret.methods.GIM``.
+:class:`~captum_gim.adapters.pyhealth_gim.PyHealthGIM` is a drop-in replacement for
+``pyhealth.interpret.methods.GIM``.
 """
 
 from __future__ import annotations
@@ -35,15 +36,10 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from pyhealth.interpret.methods.base_interpreter import BaseInterpreter
-
-from ..attr.gim import GIMAttribution
-from ..rules.pyhealth import pyhealth_compatible_registry
-from ..scope import GIMReport
+from ._pyhealth_spec import _FeatureSpec, _check_model, _is_token, _tuple
 
 __all__ = [
     "PyHealthAdapter",
-    "PyHealthGIM",
     "PyHealthInputs",
     "MASK_MODES",
 ]
@@ -51,31 +47,8 @@ __all__ = [
 #: How masks are derived for features whose processor schema has no ``"mask"`` field.
 MASK_MODES = ("padding", "pyhealth")
 
-_REQUIRED = ("forward_from_embedding", "get_embedding_model")
-_SUPPORTED = "MLP, StageNet, StageAttentionNet, Transformer"
-
 Baseline = Union[Tensor, int, float]
 TargetSpec = Union[None, int, Sequence[int], Tensor]
-
-
-@dataclass(frozen=True)
-class _FeatureSpec:
-    key: str
-    schema: Tuple[str, ...]
-    is_token: bool
-    pad_id: int
-
-    @property
-    def append_mask(self) -> bool:
-        """No ``"mask"`` in the schema: the adapter derives one and appends it."""
-        return "mask" not in self.schema
-
-    @property
-    def extra_fields(self) -> Tuple[str, ...]:
-        """This feature's entries of ``additional_forward_args``: the schema's other
-        fields, then the appended mask."""
-        rest = tuple(f for f in self.schema if f != "value")
-        return rest + ("mask",) if self.append_mask else rest
 
 
 @dataclass
@@ -117,69 +90,6 @@ class PyHealthInputs:
         if baselines:
             kw["baselines"] = self.baselines
         return kw
-
-
-def _missing_interface(model: Any) -> List[str]:
-    missing = [name for name in _REQUIRED if not callable(getattr(model, name, None))]
-    if not hasattr(model, "feature_keys"):
-        missing.append("feature_keys")
-    dataset = getattr(model, "dataset", None)
-    if dataset is None or not hasattr(dataset, "input_processors"):
-        missing.append("dataset.input_processors")
-    return missing
-
-
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"PyHealthAdapter needs a PyHealth model (a torch.nn.Module), got {type(model).__name__}"
-        )
-    name = type(model).__name__
-    missing = _missing_interface(model)
-    if missing:
-        raise TypeError(
-            f"{name} cannot be attributed through PyHealthAdapter: it lacks "
-            f"{', '.join(missing)}. Attribution at the embeddings needs a model that "
-            "implements pyhealth.interpret.api.Interpretable (forward_from_embedding and "
-            f"get_embedding_model), as PyHealth's {_SUPPORTED} do. Use one of those, or "
-            f"implement the two methods on {name}."
-        )
-    try:
-        from pyhealth.interpret.api import Interpretable
-    except ImportError:  # pragma: no cover - very old PyHealth
-        Interpretable = None  # type: ignore[assignment,misc]
-    if Interpretable is not None and not isinstance(model, Interpretable):
-        warnings.warn(
-            f"{name} has forward_from_embedding and get_embedding_model but does not "
-            "subclass pyhealth.interpret.api.Interpretable; assuming it follows that "
-            "interface.",
-            UserWarning,
-            stacklevel=3,
-        )
-    if model.get_embedding_model() is None:
-        raise TypeError(
-            f"{name}.get_embedding_model() returned None: PyHealthAdapter attributes at the "
-            "embeddings and needs the model's embedding stage."
-        )
-
-
-def _is_token(processor: Any, key: str) -> bool:
-    try:
-        return bool(processor.is_token())
-    except NotImplementedError as e:
-        raise TypeError(
-            f"feature {key!r}: its processor {type(processor).__name__} does not say whether "
-            "its values are token ids or continuous values (is_token() is not "
-            "implemented), so it cannot be attributed."
-        ) from e
-
-
-def _tuple(x: Any) -> Tuple[Any, ...]:
-    if isinstance(x, Tensor):
-        return (x,)
-    if isinstance(x, (tuple, list)):
-        return tuple(x)
-    raise TypeError(f"expected a tensor or a tuple of tensors, got {type(x).__name__}")
 
 
 class PyHealthAdapter(nn.Module):
@@ -418,6 +328,7 @@ class PyHealthAdapter(nn.Module):
                 f"pyhealth.datasets.get_dataloader with every feature key of the model "
                 f"({', '.join(self.feature_keys)})"
             )
+        self.check_batch(batch)
         device = self.device
         unknown = set(baselines or {}) - set(self.feature_keys)
         if unknown:
@@ -523,6 +434,47 @@ class PyHealthAdapter(nn.Module):
                 ) from e
         return tuple(out)
 
+    def check_batch(self, batch: Mapping[str, Any]) -> None:
+        r"""Raise a clear error, before anything runs, for a batch whose features have
+        different numbers of patients, no patient at all, or token ids outside the
+        model's vocabulary."""
+        sizes: Dict[str, int] = {}
+        for spec in self._specs:
+            if spec.key not in batch:
+                continue  # reported by prepare(), with the list of feature keys
+            parts = _tuple(batch[spec.key])
+            for f, t in zip(spec.schema, parts):
+                if isinstance(t, Tensor) and t.dim() > 0:
+                    sizes[f"{spec.key}.{f}"] = int(t.shape[0])
+            value = parts[spec.schema.index("value")] if len(parts) > spec.schema.index("value") else None
+            if spec.is_token and isinstance(value, Tensor) and value.numel():
+                n = self._vocab_size(spec.key)
+                bad = (value < 0) | (value >= n) if n is not None else value < 0
+                if bool(bad.any()):
+                    where = [int(i) for i in bad.nonzero()[0]]
+                    raise ValueError(
+                        f"feature {spec.key!r}: code id {int(value[tuple(where)])} at "
+                        f"{where} is outside the model's vocabulary (ids 0..{(n or 1) - 1}); "
+                        "the batch must come from the dataset (input processors) the model "
+                        "was built with"
+                    )
+        if len(set(sizes.values())) > 1:
+            shown = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+            raise ValueError(
+                f"the batch's features hold different numbers of patients ({shown}); every "
+                "feature needs one row per patient, as get_dataloader collates them"
+            )
+        if sizes and next(iter(sizes.values())) == 0:
+            raise ValueError("the batch is empty (no patient): pass at least one patient")
+
+    def _vocab_size(self, key: str) -> Optional[int]:
+        layers = getattr(self.embedding_model, "embedding_layers", None)
+        layer = layers[key] if layers is not None and key in layers else None
+        if isinstance(layer, nn.Embedding):
+            return int(layer.num_embeddings)
+        vocab = getattr(self.model.dataset.input_processors[key], "code_vocab", None)  # type: ignore[attr-defined]
+        return len(vocab) if isinstance(vocab, Mapping) else None
+
     # ------------------------------------------------------------------ targets
 
     @staticmethod
@@ -614,6 +566,7 @@ class PyHealthAdapter(nn.Module):
             ``(dict, delta)`` with ``return_convergence_delta=True``). The model runs in
             evaluation mode; its training flags are restored afterwards.
         """
+        self.check_batch(batch)  # before the training flags change
         with self.eval_mode():
             prepared = self.prepare(
                 batch, target_class_idx=target_class_idx, baselines=baselines, masks=masks
@@ -641,141 +594,3 @@ def _takes_baselines(method: Any) -> bool:
         return "baselines" in inspect.signature(method.attribute).parameters
     except (TypeError, ValueError):  # pragma: no cover
         return False
-
-
-class PyHealthGIM(BaseInterpreter):
-    r"""GIM for PyHealth models: a drop-in for ``pyhealth.interpret.methods.GIM``.
-
-    Same constructor and ``attribute(target_class_idx=None, **batch)`` signature as
-    PyHealth's interpreter, the same dictionary out (``{feature_key: tensor shaped like the
-    raw input values}``), so it works wherever PyHealth's does
-    (``ComprehensivenessMetric``, ``SufficiencyMetric``, ``Evaluator.evaluate_attribution``).
-    It runs through Captum (:class:`~captum_gim.GIMAttribution` on a
-    :class:`PyHealthAdapter`).
-
-    How it differs from PyHealth 2.1's GIM (``pyhealth_compatible=True`` reproduces
-    PyHealth's output exactly, to compare and migrate):
-
-    - It returns GIM-gradient x (input - baseline), an attribution whose sum over the
-      features of a patient approximates the change in the logit; PyHealth returns the
-      bare gradient (``multiply_by_inputs=False`` gives that here).
-    - LayerNorm keeps the gradient of its mean subtraction (the GIM reference's freeze);
-      PyHealth detaches the mean as well (``keep_norm_mean=False``).
-    - Attention modules are matched by class identity
-      (``pyhealth.models.transformer.Attention``), not by the class name ``Attention``.
-    - StageNet's cumulative softmax is not attention and gets no TSG, which the report
-      (``last_report``) says; on StageNet GIM equals the plain gradient, as in PyHealth
-      (whose docstring claims otherwise).
-    - Masks: zeros in continuous features are data, not padding (see
-      :class:`PyHealthAdapter`); PyHealth masks every zero of a 2-D continuous feature.
-    - The model is left as it was: its training flag, its gradients (``.grad``) and
-      modules. PyHealth's interpreter switches the model to eval mode for good and
-      clears its parameter gradients.
-
-    Args:
-        model (pyhealth.models.BaseModel): ``MLP``, ``StageNet``, ``StageAttentionNet``,
-            ``Transformer`` or any model implementing ``Interpretable``.
-        temperature (float): TSG temperature for attention softmaxes. Default: 2.0.
-        freeze_norms (bool): freeze LayerNorm statistics. Default: True.
-        divide_grads (bool): query/key x1/4, value x1/2. Default: True.
-        multiply_by_inputs (bool): gradient x (input - baseline) (default) or the bare
-            gradient.
-        keep_norm_mean (bool): LayerNorm's mean keeps its gradient. Default: True.
-        pyhealth_compatible (bool): reproduce ``pyhealth.interpret.methods.GIM`` (bare
-            gradient, PyHealth's LayerNorm and attention arithmetic, PyHealth's masks,
-            temperatures below 1 raised to 1). ``multiply_by_inputs`` and
-            ``keep_norm_mean`` are then ignored. Default: False.
-        strict (bool): raise if the model has attention- or norm-like modules no rule
-            matches. Default: False (warn).
-
-    Examples::
-
-        >>> from captum_gim.pyhealth import PyHealthGIM
-        >>> gim = PyHealthGIM(model, temperature=2.0)          # doctest: +SKIP
-        >>> batch = next(iter(test_loader))                    # doctest: +SKIP
-        >>> attributions = gim.attribute(**batch)              # doctest: +SKIP
-        >>> attributions["conditions"].shape                   # doctest: +SKIP
-        torch.Size([32, 17])
-        >>> print(gim.last_report)                             # doctest: +SKIP
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        temperature: float = 2.0,
-        freeze_norms: bool = True,
-        divide_grads: bool = True,
-        multiply_by_inputs: bool = True,
-        *,
-        keep_norm_mean: bool = True,
-        pyhealth_compatible: bool = False,
-        strict: bool = False,
-    ) -> None:
-        # BaseInterpreter.__init__ is deliberately not called: it switches the model to
-        # eval mode for good. attribute() does that for its own duration only.
-        self.model = model
-        self.pyhealth_compatible = bool(pyhealth_compatible)
-        if self.pyhealth_compatible:
-            if not (freeze_norms and divide_grads):
-                raise ValueError(
-                    "pyhealth_compatible=True reproduces PyHealth's GIM, which always freezes "
-                    "LayerNorm and divides attention gradients; leave freeze_norms and "
-                    "divide_grads at True, or use pyhealth_compatible=False."
-                )
-            temperature = max(float(temperature), 1.0)
-            multiply_by_inputs = False
-            keep_norm_mean = False
-        self.adapter = PyHealthAdapter(
-            model, mask_mode="pyhealth" if self.pyhealth_compatible else "padding"
-        )
-        self.temperature = float(temperature)
-        self.freeze_norms = freeze_norms
-        self.divide_grads = divide_grads
-        self.multiply_by_inputs = multiply_by_inputs
-        self.keep_norm_mean = keep_norm_mean
-        self.gim = GIMAttribution(
-            self.adapter,
-            model=model,
-            temperature=temperature,
-            freeze_norms=freeze_norms,
-            divide_grads=divide_grads,
-            multiply_by_inputs=multiply_by_inputs,
-            keep_norm_mean=keep_norm_mean,
-            strict=strict,
-            registry=pyhealth_compatible_registry() if self.pyhealth_compatible else None,
-        )
-        self.last_report: Optional[GIMReport] = None
-
-    def attribute(  # type: ignore[override]
-        self,
-        target_class_idx: TargetSpec = None,
-        baselines: Optional[Mapping[str, Baseline]] = None,
-        **kwargs: Any,
-    ) -> Dict[str, Tensor]:
-        r"""GIM attributions for one batch.
-
-        Args:
-            target_class_idx (int, sequence or Tensor, optional): the class to explain;
-                a no-op for single-logit (binary) models; None: the predicted class.
-            baselines (dict, optional): per feature key, see
-                :meth:`PyHealthAdapter.prepare`. Default: zero embeddings for token
-                features, zeros for continuous values.
-            **kwargs: the batch (``**batch`` from ``get_dataloader``); keys other than
-                the model's feature keys (labels, ids) are ignored.
-
-        Returns:
-            dict of str to Tensor: ``{feature_key: attributions}``, each shaped like the
-            raw input values (token features: one score per code).
-        """
-        attributions = self.adapter.attribute(
-            self.gim, kwargs, target_class_idx=target_class_idx, baselines=baselines
-        )
-        self.last_report = self.gim.last_report
-        return attributions
-
-    def __repr__(self) -> str:
-        mode = ", pyhealth_compatible=True" if self.pyhealth_compatible else ""
-        return (
-            f"PyHealthGIM(model={type(self.model).__name__}, temperature={self.temperature}"
-            f"{mode})"
-        )
