@@ -26,14 +26,31 @@ extensions = [
     "sphinx.ext.doctest",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "myst_nb",
     "gim_docs",
 ]
 
-exclude_patterns = ["_build", "results/**", "Thumbs.db", ".DS_Store"]
-source_suffix = {".rst": "restructuredtext"}
+exclude_patterns = ["_build", "results/**", "_generated/notebooks/**", "_ext/**", "_scripts/**",
+                    "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+source_suffix = {".rst": "restructuredtext", ".ipynb": "myst-nb"}
+
+# -- tutorials: myst-nb executes the notebooks gim_docs writes from tutorials/*.py ----------
+# Cached (jupyter-cache, keyed by the notebook's code) under docs/_build, so a rebuild that
+# changes no tutorial executes nothing; a changed tutorial is executed again.
+nb_execution_mode = "cache"
+nb_execution_cache_path = str(DOCS / "_build" / ".jupyter_cache")
+nb_execution_timeout = 300
+nb_execution_raise_on_error = True  # a failing cell fails the build
+nb_execution_show_tb = True
+nb_merge_streams = True
+myst_enable_extensions = ["colon_fence"]
+# what the tutorials write goes to the build folder, not the checkout
+os.environ.setdefault("CAPTUM_GIM_TUTORIAL_OUT", str(DOCS / "_build" / "tutorial_out"))
 root_doc = "index"
 templates_path: list = []
 default_role = "py:obj"
+# Keep "--help" as two hyphens in captions and text (smartquotes would print an en dash).
+smartquotes = False
 nitpicky = False
 
 # -- autodoc / napoleon -------------------------------------------------------------------
@@ -43,7 +60,9 @@ autodoc_class_signature = "mixed"
 autodoc_inherit_docstrings = False  # Captum's inherited docstrings are not Google style
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
-napoleon_use_rtype = False
+# A separate "Return type" field: inline, napoleon wraps the type in emphasis, and a Captum-style
+# "*Tensor* or *tuple[Tensor, ...]*" then renders as "**Tensor* or *tuple[Tensor, ...]**".
+napoleon_use_rtype = True
 napoleon_use_ivar = True  # Attributes sections as fields: no duplicate attribute entries
 napoleon_attr_annotations = True
 

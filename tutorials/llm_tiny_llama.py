@@ -178,14 +178,25 @@ print("prompt tokens:", result_gim.input_tokens)
 print("GIM, summed over the answer:", [round(v, 3) for v in result_gim.seq_attr.tolist()])
 print("IG,  summed over the answer:", [round(v, 3) for v in result_ig.seq_attr.tolist()])
 
+token_figs = {}
 for name, result in [("gim", result_gim), ("ig", result_ig)]:
     fig, ax = result.plot_token_attr(show=False)
+    token_figs[name] = fig
     ax.set_title(f"{name.upper()}: which prompt tokens the answer {target!r} depends on")
     fig.savefig(OUT / f"token_attr_{name}.png", dpi=80, bbox_inches="tight")
     fig, ax = result.plot_seq_attr(show=False)
     fig.savefig(OUT / f"seq_attr_{name}.png", dpi=80, bbox_inches="tight")
     matplotlib.pyplot.close("all")
 print("wrote", sorted(p.name for p in OUT.glob("*.png")))
+
+# %% [markdown]
+# In a notebook the heat maps show here (as a script, open the PNG files): GIM, then IG.
+
+# %%
+token_figs["gim"]
+
+# %%
+token_figs["ig"]
 
 # %% [markdown]
 # ## The GIM paper's setting: the raw logit of the answer

@@ -210,6 +210,16 @@ html_path.write_text(
 )
 print("wrote", html_path)
 
+
+class Html(str):
+    """A string a notebook shows as HTML (its last expression); a no-op in a script."""
+
+    def _repr_html_(self) -> str:
+        return str(self)
+
+
+Html(text_records_html(records, row_headers=methods))
+
 # %% [markdown]
 # The same comparison in text, for the first sentences (keywords marked with `*`):
 

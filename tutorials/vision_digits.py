@@ -157,6 +157,7 @@ def hwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().permute(1, 2, 0).numpy()
 
 
+first = {}  # the first digit's figures, shown below
 for i in range(3):
     image = np.repeat(hwc(x[i]), 3, axis=2)  # grey as RGB, values in [0, 1]
     for name, attr in [("gim", attr_gim), ("ig", attr_ig)]:
@@ -171,6 +172,8 @@ for i in range(3):
             use_pyplot=False,
         )
         fig.savefig(OUT / f"example{i}_{name}.png", dpi=80)
+        if i == 0:
+            first[name] = fig
 
 # One figure, GIM and IG side by side for eight digits, with visualize_image_attr on
 # axes we provide.
@@ -190,3 +193,19 @@ for i in range(8):
 fig.savefig(OUT / "gim_vs_ig.png", dpi=80)
 print("wrote", sorted(p.name for p in OUT.glob("*.png")))
 print(f"done in {time.perf_counter() - START:.1f}s")
+
+# %% [markdown]
+# In a notebook the figures show here (as a script, open the PNG files). The first digit
+# under GIM and under IG:
+
+# %%
+first["gim"]
+
+# %%
+first["ig"]
+
+# %% [markdown]
+# Eight digits, GIM (top) and IG (bottom):
+
+# %%
+fig

@@ -74,6 +74,8 @@ _INTERNAL = {
     "captum_gim.adapters",
     "captum_gim.adapters.pyhealth",
 }
+#: API pages listed under their own heading, after the public API.
+_INTERNALS_PREFIX = "captum_gim.evaluation"
 #: Optional packages a module under these prefixes needs, for discovered modules.
 _NEEDS_BY_PREFIX = (("pyhealth", "pyhealth"), ("transformers", "transformers"))
 
@@ -276,6 +278,21 @@ def _api_pages() -> List[str]:
             lines.append("")
         _write(path, "\n".join(lines))
     _write_toc("api", pages)
+    # the public API first; the comparison command's internals under their own heading
+    internal = [p for p in pages if p.startswith(_INTERNALS_PREFIX)]
+    public = [p for p in pages if p not in internal]
+    toc = ".. toctree::\n   :maxdepth: 1\n\n" + "".join(f"   _generated/api/{n}\n" for n in public)
+    if internal:
+        toc += (
+            "\nInternals of ``captum-gim compare``\n"
+            "-----------------------------------\n\n"
+            "The modules behind the comparison command (tasks, metrics, reports). They are "
+            "documented for contributors and may change between releases; "
+            ":py:func:`captum_gim.compare` (see :doc:`/compare_api`) is the stable entry point.\n\n"
+            ".. toctree::\n   :maxdepth: 1\n\n"
+            + "".join(f"   _generated/api/{n}\n" for n in internal)
+        )
+    _write(GENERATED / "api_toc.inc", toc)
     return pages
 
 
@@ -326,11 +343,9 @@ def support_matrix_rst() -> str:
         parts += [f"{dt} untested" for dt in dtypes if dt not in per_dtype]
         return "; ".join(parts)
 
-    comment = " ".join(" ".join(_attr_docs(modname).get("SUPPORT_MATRIX", [])).split())
     out = [
-        f"Generated from ``{modname}.SUPPORT_MATRIX`` with transformers "
+        f"Generated from :py:data:`{modname}.SUPPORT_MATRIX` with transformers "
         f"{transformers.__version__}"
-        + (f" (its description in the source: \"{comment}\")" if comment else "")
         + f". \"yes\": supported in {', '.join(dtypes)}; \"no\": the note says why; "
         "\"not listed\": not in the matrix.\n",
         ".. list-table::",
@@ -468,20 +483,43 @@ def _tutorial_title(text: str, default: str) -> str:
 
 
 def tutorials() -> List[str]:
+    r"""One notebook page per tutorial script, executed by myst-nb when the docs are built.
+
+    ``_generated/tutorials/<name>.ipynb`` is the jupytext conversion of the script with a
+    hidden first cell (``%matplotlib inline``, so figures show on the page whatever
+    ``MPLBACKEND`` says) and a note linking the plain notebook, ``_generated/notebooks/
+    <name>.ipynb`` (the conversion alone), offered as a download.
+    """
+    import jupytext
+    import nbformat
+
     names = []
     for path in sorted(TUTORIALS.glob("*.py")):
         names.append(path.stem)
-        text = path.read_text(encoding="utf-8")
-        title = _tutorial_title(text, path.stem)
-        _write(
-            GENERATED / "tutorials" / f"{path.stem}.rst",
-            _title(title)
-            + f"\nSource: ``tutorials/{path.name}`` (a jupytext percent-format script). Run it "
-            f"with ``python tutorials/{path.name}``, or open it as a notebook with "
-            f"``jupytext --to notebook tutorials/{path.name}``.\n\n"
-            f".. literalinclude:: ../../../tutorials/{path.name}\n   :language: python\n",
+        notebook = jupytext.read(path)
+        plain = nbformat.writes(notebook)
+        _write(GENERATED / "notebooks" / f"{path.stem}.ipynb", plain)
+        page = nbformat.reads(plain, as_version=4)
+        setup = nbformat.v4.new_code_cell("%matplotlib inline")
+        setup.metadata["tags"] = ["remove-cell"]
+        link = nbformat.v4.new_markdown_cell(
+            f"Source: `tutorials/{path.name}` (a jupytext percent-format script), executed "
+            f"when these docs were built. {{download}}`Download it as a notebook "
+            f"<../notebooks/{path.stem}.ipynb>`, or run it with `python tutorials/{path.name}`."
         )
-    _write_toc("tutorials", names)
+        # after the title cell
+        page.cells = page.cells[:1] + [link, setup] + page.cells[1:]
+        _write(GENERATED / "tutorials" / f"{path.stem}.ipynb", nbformat.writes(page))
+    for stale in (GENERATED / "tutorials").glob("*.rst"):
+        stale.unlink()
+    for stale in (GENERATED / "tutorials").glob("*.ipynb"):
+        if stale.stem not in names:
+            stale.unlink()
+    _write(
+        GENERATED / "tutorials_toc.inc",
+        ".. toctree::\n   :maxdepth: 1\n\n"
+        + "".join(f"   _generated/tutorials/{n}\n" for n in names),
+    )
     return names
 
 
