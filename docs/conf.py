@@ -43,6 +43,9 @@ nb_execution_timeout = 300
 nb_execution_raise_on_error = True  # a failing cell fails the build
 nb_execution_show_tb = True
 nb_merge_streams = True
+# library chatter on stderr (tqdm's notebook notice) is not tutorial output; test_tutorials
+# still fails on GIM's warnings there
+nb_output_stderr = "remove"
 myst_enable_extensions = ["colon_fence"]
 # what the tutorials write goes to the build folder, not the checkout
 os.environ.setdefault("CAPTUM_GIM_TUTORIAL_OUT", str(DOCS / "_build" / "tutorial_out"))
