@@ -89,7 +89,8 @@ doctest_test_doctest_blocks = "default"
 # -- HTML ---------------------------------------------------------------------------------
 html_theme = "furo"
 html_title = f"captum-gim {release}"
-html_static_path: list = []
+html_static_path = ["_static"]
+html_css_files = ["gim.css"]
 # docs/_ext/gim_docs.py copies the comparison command's own report (HTML, JSON, plots)
 # here, to be served under comparison/; the folder must exist when the config is read.
 (DOCS / "_generated" / "extra").mkdir(parents=True, exist_ok=True)

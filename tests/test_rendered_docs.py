@@ -36,8 +36,7 @@ window.addEventListener("load", function () {
     imgs: Array.from(document.querySelectorAll("img")).filter(function (i) {
       return i.complete && i.naturalWidth > 0; }).length,
     wide: Array.from(document.querySelectorAll("table")).filter(function (t) {
-      var p = t.parentElement; return t.scrollWidth > p.clientWidth + 2 &&
-        getComputedStyle(p).overflowX === "visible"; }).length,
+      var p = t.parentElement; return t.scrollWidth > p.clientWidth + 2; }).length,
     text: document.body.innerText.indexOf("# %% [markdown]") >= 0
   });
 });

@@ -446,12 +446,20 @@ def results_rst() -> str:
         lines.append(f"- **Versions:** {shown}")
     lines.append("")
     table = RESULTS / "table.txt"
+    csv = RESULTS / "table.csv"
+    notes_text = notes.read_text(encoding="utf-8") if notes.exists() else ""
+    if csv.exists() and "table.csv" not in notes_text:
+        lines.append(".. csv-table::\n   :file: /results/table.csv\n   :header-rows: 1\n")
+    if notes.exists():
+        lines.append(".. include:: /results/notes.rst\n")
     if table.exists():
+        # with a real table above, the command's text output (per-group means, paired
+        # GIM - IG differences) comes after it, as the command prints it
+        if csv.exists():
+            lines.append(".. rubric:: The command's text output\n")
         lines.append(".. code-block:: text\n")
         lines.append(textwrap.indent(table.read_text(encoding="utf-8").rstrip(), "   "))
         lines.append("")
-    if notes.exists():
-        lines.append(".. include:: /results/notes.rst\n")
     plots = (report.get("files") or {}).get("plots") or sorted(
         p.name for p in RESULTS.glob("*.png")
     )
