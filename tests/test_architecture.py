@@ -48,6 +48,9 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+_FILES: Dict[str, Path] = {}
+
+
 def _imports(path: Path, name: str) -> Set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -64,18 +67,24 @@ def _imports(path: Path, name: str) -> Set[str]:
                 mod = node.module or ""
             if not mod.startswith("captum_gim"):
                 continue
-            out.add(mod)
-            for a in node.names:  # `from . import x` may name a submodule
-                out.add(f"{mod}.{a.name}")
+            # `from . import x` names a submodule: an edge to it, not to the package
+            subs = [f"{mod}.{a.name}" for a in node.names]
+            named = [m for m in subs if m in _FILES]
+            out.update(named)
+            if len(named) < len(subs):
+                out.add(mod)
     return out
 
 
 def _graph() -> Dict[str, Set[str]]:
-    files = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    files = _FILES
     graph: Dict[str, Set[str]] = {}
     for name, path in files.items():
         graph[name] = {m for m in _imports(path, name) if m in files and m != name}
     return graph
+
+
+_FILES.update({_module_name(p): p for p in ROOT.rglob("*.py")})
 
 
 def _part(module: str) -> str:

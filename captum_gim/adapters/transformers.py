@@ -259,7 +259,7 @@ def next_token_attribution(
         answer (int or str, optional): the answer token (id or token string); None: the
             model's own greedy next token.
         baseline_token (int or str, optional): overrides the recommended baseline.
-        strict, config, **settings: as in :func:`answer_token_attribution`
+        strict, config, \*\*settings: as in :func:`answer_token_attribution`
             (``temperature``, ``freeze_norms``, ``divide_grads``, ``keep_norm_mean``).
 
     Returns:
@@ -317,7 +317,7 @@ def text_classification_attribution(
         tokenizer: its tokenizer.
         text (str): the text.
         target (int, optional): the class; None: the predicted class.
-        baseline_token, strict, config, **settings: as in :func:`next_token_attribution`.
+        baseline_token, strict, config, \*\*settings: as in :func:`next_token_attribution`.
 
     Returns:
         TextAttribution: tokens, scores, the class (label from ``config.id2label``) and

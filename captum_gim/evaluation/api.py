@@ -98,11 +98,11 @@ def compare(
             target; sigmoid for one logit) or ``output`` (the raw output).
         methods (sequence of str, optional): a subset of the method keys (``gim``, ``ig``,
             ``ig@8``...).
-        steps, samples, sweep, n_steps, temperature, seed, n_bootstrap, infidelity_samples,
-            gradshap_samples, measure_memory, progress: see
+        steps, samples, sweep, n_steps, temperature, seed: see
             :class:`~captum_gim.evaluation.methods.CompareSettings`.
+        n_bootstrap, infidelity_samples, gradshap_samples, measure_memory, progress: the same.
         name, description, unit_name: for the report.
-        **settings: further :class:`~captum_gim.evaluation.methods.CompareSettings` fields.
+        \*\*settings: further :class:`~captum_gim.evaluation.methods.CompareSettings` fields.
 
     Returns:
         Report: ``.table()``, ``.to_json()``, ``.to_dataframe()``, ``.save(directory)``;
