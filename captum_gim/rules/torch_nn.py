@@ -59,12 +59,14 @@ def gim_multihead_attention_forward(
 
     The steps are those of ``F.multi_head_attention_forward``, in the same order, so the
     forward output is identical. With ``need_weights`` the softmax is explicit (TSG) and
-    each of the products ``QKᵀ`` and ``PV`` halves the gradient it passes to each operand;
-    without, SDPA runs as before and :func:`~captum_gim.ops.gim_attention` supplies the
-    same backward pass.
+    the gradients reaching q and k are multiplied by 1/4, v by 1/2, on every path: also
+    where the attributed output uses the returned attention weights (halving at each
+    product instead would give q and k only 1/2 on that path). Without, SDPA runs as
+    before and :func:`~captum_gim.ops.gim_attention` supplies the same backward pass.
     """
     T = config.temperature
-    half = 0.5 if config.divide_grads else 1.0
+    qk_factor = 0.25 if config.divide_grads else 1.0
+    v_factor = 0.5 if config.divide_grads else 1.0
 
     is_batched = query.dim() == 3
     key_padding_mask = F._canonical_mask(
@@ -179,15 +181,15 @@ def gim_multihead_attention_forward(
 
     if need_weights:
         E = q.shape[-1]
-        q_scaled = scale_grad(q * math.sqrt(1.0 / float(E)), half)
-        k_t = scale_grad(k, half).transpose(-2, -1)
+        q_scaled = scale_grad(q * math.sqrt(1.0 / float(E)), qk_factor)
+        k_t = scale_grad(k, qk_factor).transpose(-2, -1)
         if attn_mask is not None:
             scores = torch.baddbmm(attn_mask, q_scaled, k_t)
         else:
             scores = torch.bmm(q_scaled, k_t)
         weights = tsg_softmax(scores, dim=-1, temperature=T)
         probs = F.dropout(weights, p=dropout_p) if dropout_p > 0.0 else weights
-        attn_output = torch.bmm(scale_grad(probs, half), scale_grad(v, half))
+        attn_output = torch.bmm(probs, scale_grad(v, v_factor))
         attn_output = attn_output.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
         attn_output = F.linear(attn_output, m.out_proj.weight, m.out_proj.bias)
         attn_output = attn_output.view(tgt_len, bsz, attn_output.size(1))
