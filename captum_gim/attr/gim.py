@@ -12,7 +12,6 @@ from captum._utils.common import (
     _format_tensor_into_tuples,
     _is_tuple,
 )
-from captum._utils.gradient import apply_gradient_requirements, undo_gradient_requirements
 from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr._utils.attribution import GradientAttribution
 from captum.attr._utils.common import _format_input_baseline, _validate_input
@@ -139,18 +138,20 @@ class GIMAttribution(GIMSettings, GradientAttribution):
         _validate_input(inputs_tuple, baselines_tuple)
         additional_forward_args = _format_additional_forward_args(additional_forward_args)
 
-        gradient_mask = apply_gradient_requirements(inputs_tuple)
-        try:
-            with self.scope() as report:
-                self.last_report = report
-                gradients = self.gradient_func(
-                    checked_forward(self.forward_func, target, method),
-                    inputs_tuple,
-                    target,
-                    additional_forward_args,
-                )
-        finally:
-            undo_gradient_requirements(inputs_tuple, gradient_mask)
+        # Differentiate with respect to aliases (same storage, no copy) of inputs that do
+        # not require grad, instead of flipping requires_grad on the caller's tensors as
+        # Captum does: a tensor shared by threads attributing at once stays untouched.
+        grad_inputs = tuple(
+            x if x.requires_grad else x.detach().requires_grad_() for x in inputs_tuple
+        )
+        with self.scope() as report:
+            self.last_report = report
+            gradients = self.gradient_func(
+                checked_forward(self.forward_func, target, method),
+                grad_inputs,
+                target,
+                additional_forward_args,
+            )
 
         if self.multiplies_by_inputs:
             attributions = tuple(
