@@ -50,6 +50,11 @@ class ActiveScope:
     rules: Dict[int, Any] = field(default_factory=dict)
     coverage: List[Tuple[str, str, str, str]] = field(default_factory=list)
     checked: Set[type] = field(default_factory=set)
+    #: set when the scope exits. A scope entered inside a generator is entered in the
+    #: context of whoever resumed it, and may be closed from another context (a garbage
+    #: collector, another thread): the entry that cannot be removed there is then never
+    #: active again.
+    closed: bool = False
 
     def record(self, path: str, class_name: str, op: str, cover: str) -> None:
         """Note that ``op`` ran in ``path`` (``class_name``) with ``cover`` applying."""
@@ -61,7 +66,7 @@ _SCOPES: ContextVar[Tuple[ActiveScope, ...]] = ContextVar("captum_gim_scopes", d
 
 def open_scopes() -> Tuple[ActiveScope, ...]:
     """The scopes open in this context, outermost first."""
-    return _SCOPES.get()
+    return tuple(s for s in _SCOPES.get() if not s.closed)
 
 
 def enter(scope: ActiveScope) -> None:
@@ -71,9 +76,10 @@ def enter(scope: ActiveScope) -> None:
 
 def leave(scope: ActiveScope) -> None:
     """Remove exactly ``scope`` from this context (whatever was entered after it stays)."""
+    scope.closed = True
     scopes = _SCOPES.get()
-    if any(s is scope for s in scopes):
-        _SCOPES.set(tuple(s for s in scopes if s is not scope))
+    if any(s is scope or s.closed for s in scopes):
+        _SCOPES.set(tuple(s for s in scopes if s is not scope and not s.closed))
 
 
 def active_for(module: nn.Module) -> Optional[ActiveScope]:
@@ -83,7 +89,7 @@ def active_for(module: nn.Module) -> Optional[ActiveScope]:
         return None
     key = id(module)
     for s in reversed(scopes):
-        if key in s.modules:
+        if key in s.modules and not s.closed:
             return s
     return None
 
@@ -91,6 +97,6 @@ def active_for(module: nn.Module) -> Optional[ActiveScope]:
 def active_for_model(model: nn.Module) -> Optional[ActiveScope]:
     """The innermost scope in this context opened on ``model`` itself, or None."""
     for s in reversed(_SCOPES.get()):
-        if s.model is model:
+        if s.model is model and not s.closed:
             return s
     return None

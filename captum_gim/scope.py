@@ -108,10 +108,13 @@ def _check_unmatched(model: nn.Module, plan: Plan, strict: bool) -> None:
     _warn_once((type(model).__qualname__, tuple(plan.unmatched)), _unmatched_message(plan))
 
 
+def _is_script(module: nn.Module) -> bool:
+    return isinstance(module, getattr(torch.jit, "ScriptModule", ()))
+
+
 def _scripted(model: nn.Module) -> List[str]:
     """Names of the TorchScript (scripted or traced) modules of ``model``."""
-    script = getattr(torch.jit, "ScriptModule", ())
-    return [n or "<root>" for n, m in model.named_modules() if isinstance(m, script)]
+    return [n or "<root>" for n, m in model.named_modules() if _is_script(m)]
 
 
 def _check_scripted(model: nn.Module, strict: bool) -> None:
@@ -277,7 +280,7 @@ def gim_backward(
             if match.rule.is_enabled(config):
                 handles.append(install_rule(match.module, match.rule, config))
         functional = _functional_installer()
-        if functional is not None:
+        if functional is not None and not _is_script(model):  # a script root takes no hooks
             handles.append(
                 acquire(model, "functional", lambda: functional(model, _getter(model)))[0]
             )
