@@ -31,6 +31,7 @@ from ._patching import Handle, acquire, combine_handles, install_rule
 from .config import GIMConfig
 from .errors import UnmatchedModulesError, UnmatchedModulesWarning
 from .registry import Plan, RuleRegistry, default_registry
+from .rules.known import fully_accounted
 
 __all__ = ["gim_backward", "GIMReport", "UnmatchedModulesError", "UnmatchedModulesWarning"]
 
@@ -117,8 +118,7 @@ def _scripted(model: nn.Module) -> List[str]:
     return [n or "<root>" for n, m in model.named_modules() if _is_script(m)]
 
 
-def _check_scripted(model: nn.Module, strict: bool) -> None:
-    names = _scripted(model)
+def _check_scripted(model: nn.Module, names: List[str], strict: bool) -> None:
     if not names:
         return
     message = (
@@ -155,6 +155,10 @@ class _Cached:
     fingerprint: Tuple[Any, ...]
     plan: Plan
     modules: frozenset
+    #: names of the TorchScript modules (scripted or traced)
+    scripted: List[str]
+    #: whether the functional layer has anything to add (:mod:`captum_gim.rules.known`)
+    functional: bool
 
 
 _plan_lock = threading.Lock()
@@ -168,21 +172,30 @@ def _fingerprint(model: nn.Module, registry: RuleRegistry) -> Tuple[Any, ...]:
     return (registry.version, len(registry), impl, mods)
 
 
-def _plan(model: nn.Module, registry: RuleRegistry) -> Tuple[Plan, frozenset]:
+def _plan(model: nn.Module, registry: RuleRegistry) -> _Cached:
+    """The plan of ``registry`` for ``model`` and what follows from it, computed once per
+    model, registry and module tree (re-planned when a module is added, removed or
+    replaced, the rules change, or the attention implementation is switched)."""
     key = (id(model), id(registry))
     fp = _fingerprint(model, registry)
     with _plan_lock:
         hit = _PLANS.get(key)
         if hit is not None and hit.model() is model and hit.fingerprint == fp:
-            return hit.plan, hit.modules
+            return hit
     plan = registry.plan(model)
-    modules = frozenset(i for i, _t in fp[-1])
+    functional = not fully_accounted(
+        model, [(m.module, m.rule.name) for m in plan.matches], [r.name for r in registry.rules]
+    )
+    made = _Cached(
+        weakref.ref(model), fp, plan, frozenset(i for i, _t in fp[-1]), _scripted(model),
+        functional,
+    )
     with _plan_lock:
         if len(_PLANS) > 256:  # models that are gone
             for k in [k for k, v in _PLANS.items() if v.model() is None]:
                 del _PLANS[k]
-        _PLANS[key] = _Cached(weakref.ref(model), fp, plan, modules)
-    return plan, modules
+        _PLANS[key] = made
+    return made
 
 
 def _functional_installer() -> Optional[Any]:
@@ -260,8 +273,9 @@ def gim_backward(
     ensure_ecosystem_rules(registry)
     for problem in integration_problems(model):
         _warn_once(("integration", problem), problem, UserWarning)
-    _check_scripted(model, strict)
-    plan, modules = _plan(model, registry)
+    cached = _plan(model, registry)
+    plan, modules = cached.plan, cached.modules
+    _check_scripted(model, cached.scripted, strict)
     _check_unmatched(model, plan, strict)
     report = _report(plan, config)
     active = _context.ActiveScope(
@@ -279,7 +293,7 @@ def gim_backward(
         for match in plan.matches:
             if match.rule.is_enabled(config):
                 handles.append(install_rule(match.module, match.rule, config))
-        functional = _functional_installer()
+        functional = _functional_installer() if cached.functional else None
         if functional is not None and not _is_script(model):  # a script root takes no hooks
             handles.append(
                 acquire(model, "functional", lambda: functional(model, _getter(model)))[0]

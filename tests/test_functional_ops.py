@@ -462,6 +462,22 @@ def test_elementwise_gating_of_a_non_linear_tensor_is_left_alone():
     close(g, g0, 1e-12)
 
 
+def test_gate_on_another_path_is_not_a_gated_mlp():
+    """Qwen2-MoE's shared expert: sigmoid(gate(x)) * expert(x), where expert(x) is a linear
+    map of an *intermediate* tensor, not of x: a routing gate (true gradient, as the MoE
+    routing weights), not the two branches of a gated MLP."""
+    torch.manual_seed(0)
+    gate, up, down = (nn.Linear(6, 1).double(), nn.Linear(6, 8).double(), nn.Linear(8, 6).double())
+    model = Call(lambda x: torch.sigmoid(gate(x)) * down(F.gelu(up(x))))
+    model.gate, model.up, model.down = gate, up, down
+    x = torch.randn(3, 6, dtype=DT, generator=torch.Generator().manual_seed(2))
+    scope = Scope()
+    _, g = grads(model, (x,), scope)
+    _, g0 = ref_grads(model, (x,))
+    close(g, g0, 1e-12)
+    assert not [r for r in scope.records if r[2] == "gated product"]
+
+
 def test_channels_first_hand_written_layer_norm():
     """ConvNeXt's channels-first LayerNorm: statistics over dim 1 of (N, C, H, W)."""
     torch.manual_seed(0)

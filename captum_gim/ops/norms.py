@@ -25,6 +25,11 @@ def _frozen_norm_grad_parts(
     return norm_dims, batch_dims, xf, gf, gw
 
 
+#: dtypes whose LayerNorm statistics are kept from the forward kernel (for half precision
+#: the CPU kernel returns them rounded to the input dtype; they are recomputed in float32)
+_SAVE_STATS = (torch.float32, torch.float64)
+
+
 class _FrozenLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -36,8 +41,13 @@ class _FrozenLayerNorm(torch.autograd.Function):
         eps: float,
         keep_mean: bool,
     ) -> Tensor:
-        y = F.layer_norm(x, normalized_shape, weight, bias, eps)
-        ctx.save_for_backward(x, weight)
+        if x.dtype in _SAVE_STATS:
+            # the kernel F.layer_norm runs, with the statistics it computed (same output)
+            y, mean, rstd = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+            ctx.save_for_backward(x, weight, mean, rstd)
+        else:  # half precision: the backward recomputes the statistics in float32
+            y = F.layer_norm(x, normalized_shape, weight, bias, eps)
+            ctx.save_for_backward(x, weight, None, None)
         ctx.normalized_shape = normalized_shape
         ctx.eps = eps
         ctx.keep_mean = keep_mean
@@ -46,13 +56,14 @@ class _FrozenLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
+        x, weight, mean, inv_std = ctx.saved_tensors
         dims, batch_dims, xf, gf, gw = _frozen_norm_grad_parts(
             x, g, weight, len(ctx.normalized_shape)
         )
-        mean = xf.mean(dim=dims, keepdim=True)
-        var = xf.var(dim=dims, unbiased=False, keepdim=True)
-        inv_std = torch.rsqrt(var + ctx.eps)
+        if inv_std is None:
+            mean = xf.mean(dim=dims, keepdim=True)
+            var = xf.var(dim=dims, unbiased=False, keepdim=True)
+            inv_std = torch.rsqrt(var + ctx.eps)
         grad_x = gw * inv_std
         if ctx.keep_mean:
             grad_x = grad_x - grad_x.mean(dim=dims, keepdim=True)

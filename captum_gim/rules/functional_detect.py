@@ -312,8 +312,11 @@ class Provenance:
                 self.set_tag(out, _Tag(kind=_CENTERED, src=m.src, data=cell))
                 return out
         if name in ("mul", "__mul__", "multiply") and len(args) == 2:
-            kinds = {getattr(self.tag(a), "kind", None) for a in args}
-            if kinds == {_LIN, _ACT}:  # act(gate(x)) * up(x): both branches x1/2
+            tags = [self.tag(a) for a in args]
+            kinds = {getattr(t, "kind", None) for t in tags}
+            # act(gate(x)) * up(x), both projections of the same x: both branches x1/2 (not a
+            # gate times some other path, e.g. Qwen2-MoE's sigmoid-gated shared expert)
+            if kinds == {_LIN, _ACT} and tags[0].src is not None and tags[0].src == tags[1].src:
                 self.gated.append(self.where())
                 f = 0.5 if divide else 1.0
                 return func(scale_grad(args[0], f), scale_grad(args[1], f), **kwargs)
@@ -340,14 +343,14 @@ class Provenance:
         if name == "linear" and len(ins) >= 2:
             x, w = ins[0], ins[1]
             if self.is_const(w) and not self.is_const(x):
-                return _Tag(kind=_LIN)
+                return _Tag(kind=_LIN, src=self.base(x))  # src: what was projected
             return None
         tx = self.tag(args[0]) if args else None
         kind = tx.kind if tx is not None else None
         if kind == _LIN and name in _GLU_ACTS:
-            return _Tag(kind=_ACT)
+            return _Tag(kind=_ACT, src=tx.src)
         if kind in (_LIN, _ACT) and name in _VIEWS:
-            return _Tag(kind=kind)
+            return _Tag(kind=kind, src=tx.src)
         return None
 
     def _untagged(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[bool]:
@@ -496,9 +499,10 @@ class Provenance:
             self.set_tag(mean, _Tag(kind=_MEAN, src=self.base(x)))
             return (first, mean)
         if name in _SPLITS and args and getattr(self.tag(args[0]), "kind", None) == _LIN:
+            src = self.tag(args[0]).src
             for o in out:  # a fused gate_up projection, chunked
                 if isinstance(o, Tensor):
-                    self.set_tag(o, _Tag(kind=_LIN))
+                    self.set_tag(o, _Tag(kind=_LIN, src=src))
             return out
         for o in out:
             if isinstance(o, Tensor):
@@ -555,7 +559,8 @@ class Provenance:
         if ca or cb:  # a weight matrix: a linear map (both constant: a constant)
             out = func(*args, **kwargs)
             if isinstance(out, Tensor):
-                self.set_tag(out, _CONST if ca and cb else _Tag(kind=_LIN))
+                hidden = b if ca else a  # the projected tensor
+                self.set_tag(out, _CONST if ca and cb else _Tag(kind=_LIN, src=self.base(hidden)))
             return out
         # two hidden-state operands: attention scores if a softmax takes them; the operands'
         # gradient factor (1/4 for q and k) is decided there
