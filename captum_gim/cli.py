@@ -7,6 +7,9 @@ Subcommands:
   evidence, Captum's infidelity, time and memory. Writes a table to stdout and a JSON
   report, PNG plots and an HTML page to ``--out``.
 - ``demo``: the quick comparison on the embedded default (what ``make demo`` runs).
+- ``attribute``: attribute every row of a dataset (JSONL or CSV) into resumable shard
+  files, in one process or several (``torchrun``, ``accelerate launch``); see
+  :mod:`captum_gim.dataset`.
 
 Examples::
 
@@ -14,6 +17,9 @@ Examples::
     captum-gim compare --model minilm --quick        # pretrained all-MiniLM-L6-v2
     captum-gim compare --model ./my-checkpoint --inputs texts.txt --out results/mine
     captum-gim demo
+    captum-gim attribute --model ./my-classifier --data reviews.jsonl --out attr/
+    accelerate launch --multi_gpu --num_processes 2 -m captum_gim attribute \
+        --model ./my-lm --data prompts.jsonl --out attr/
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "build_parser", "run_compare", "QUICK", "FULL"]
+__all__ = ["main", "build_parser", "run_compare", "run_attribute", "QUICK", "FULL"]
 
 
 def _per_target(examples: Dict[str, int], **samples: int) -> Dict[str, Dict[str, int]]:
@@ -128,7 +134,63 @@ def build_parser() -> argparse.ArgumentParser:
         "where the report is.",
     )
     _add_compare_options(demo, demo=True)
+    attribute = sub.add_parser(
+        "attribute",
+        help="attribute every row of a dataset into resumable shard files (multi-process "
+        "with torchrun or accelerate launch)",
+        description="Attribute every row of a JSONL or CSV file with GIM (or IG, IG-GIM, "
+        "Saliency, InputXGradient, GradientShap) in padded batches, into parquet or "
+        "safetensors shards of --shard-size rows, with index.json and errors.jsonl. Run the "
+        "same command again to resume after a crash; start it with torchrun or accelerate "
+        "launch to share the shards between processes.",
+    )
+    _add_attribute_options(attribute)
     return parser
+
+
+def _add_attribute_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="M",
+                   help="a Hugging Face checkpoint directory (causal LM: rows with 'prompt' and "
+                   "optionally 'answer'; sequence classifier: 'text' and optionally 'label'), "
+                   "default or minilm (the built-in tasks), or a Python entry point "
+                   "module:function returning a Backend, a PyHealth model or (forward_func, "
+                   "model)")
+    p.add_argument("--data", required=True, metavar="FILE", help="a .jsonl or .csv file")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the output folder (a folder of an unfinished run is resumed)")
+    p.add_argument("--method", default="gim",
+                   choices=("gim", "ig", "ig-gim", "saliency", "ixg", "gradshap"),
+                   help="the attribution method (default: %(default)s)")
+    p.add_argument("--target", default=None,
+                   help="auto (default: the row's answer/label, else the prediction), "
+                   "predicted, or one target for every row (a token, a class index or name)")
+    p.add_argument("--baseline-token", default=None, metavar="TOKEN",
+                   help="the baseline token at every position (a token or id; PyHealth: a "
+                   "code; default: pad/EOS for causal LMs, [PAD] for classifiers, zeros for "
+                   "PyHealth)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=1000,
+                   help="rows per shard file (default: %(default)s)")
+    p.add_argument("--format", default="parquet", choices=("parquet", "safetensors"),
+                   help="shard file format (default: %(default)s)")
+    p.add_argument("--n-steps", type=int, default=50,
+                   help="Integrated Gradients steps, for ig and ig-gim (default: %(default)s)")
+    p.add_argument("--n-samples", type=int, default=20,
+                   help="GradientShap samples (default: %(default)s)")
+    p.add_argument("--internal-batch-size", type=int, default=None,
+                   help="the most forward rows at once for IG and GradientShap")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="GIM's TSG temperature (default: 2)")
+    p.add_argument("--seed", type=int, default=0, help="seeds every random draw (default: 0)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="the most tokens of a text; longer rows are reported as bad rows "
+                   "(default: the model's limit)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or auto (default: auto; with several processes each takes "
+                   "the GPU of its local rank)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per process (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _target_kind(model: str) -> str:
@@ -154,7 +216,11 @@ def _counts(text: str, flag: str) -> Tuple[int, ...]:
 
 def run_compare(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     r"""Run ``compare`` with parsed arguments; returns the
-    :class:`~captum_gim.evaluation.report.Report` (also written to disk)."""
+    :class:`~captum_gim.evaluation.report.Report` (also written to disk).
+
+    Started by ``torchrun`` or ``accelerate launch`` (several processes), the processes
+    share the examples and rank 0 gathers the values, writes the report and returns it;
+    the other ranks return None."""
     import torch
 
     start = time.perf_counter()
@@ -167,14 +233,19 @@ def run_compare(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    from .dataset.distributed import from_env, process_group
+
+    info = from_env()  # several processes (torchrun, accelerate launch): share the examples
     try:
-        return _compare(args, argv, kind, start)
+        with process_group(info):
+            return _compare(args, argv, kind, start, info.local_rank if info.distributed else None)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _compare(
-    args: argparse.Namespace, argv: Sequence[str], kind: str, start: float
+    args: argparse.Namespace, argv: Sequence[str], kind: str, start: float,
+    local_rank: Optional[int] = None,
 ) -> Any:
     import torch
 
@@ -187,6 +258,8 @@ def _compare(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     elif device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: no CUDA device is available; use --device cpu")
+    if device == "cuda" and local_rank is not None:  # one GPU per process
+        device = f"cuda:{local_rank % torch.cuda.device_count()}"
     if args.inputs is not None and kind in ("default", "pyhealth"):
         raise ValueError(
             f"--inputs is for --model minilm and checkpoint directories; the {kind} target "
@@ -227,6 +300,8 @@ def _compare(
         samples=samples,
     )
     report = run_comparison(task, settings)
+    if report is None:  # not rank 0 of a multi-process run: rank 0 reports
+        return None
     report.command = "captum-gim " + shlex.join(list(argv))
     report.settings.update(quick=bool(args.quick), model=args.model, inputs=args.inputs, device=device)
     report.wall_seconds_total = time.perf_counter() - start
@@ -249,6 +324,21 @@ def _compare(
     return report
 
 
+def run_attribute(args: argparse.Namespace) -> Any:
+    r"""Run ``attribute`` with parsed arguments; returns the
+    :class:`~captum_gim.dataset.run.AttributeRun` of this process."""
+    from .dataset.run import attribute_dataset
+
+    return attribute_dataset(
+        args.model, args.data, args.out, method=args.method, target=args.target,
+        baseline_token=args.baseline_token, batch_size=args.batch_size,
+        shard_size=args.shard_size, format=args.format, n_steps=args.n_steps,
+        n_samples=args.n_samples, internal_batch_size=args.internal_batch_size,
+        seed=args.seed, temperature=args.temperature, max_length=args.max_length,
+        device=args.device, threads=args.threads, progress=not args.no_progress,
+    )
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     r"""Entry point of the ``captum-gim`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -261,9 +351,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.model, args.inputs, args.quick = "default", None, True
         if args.out is None:
             args.out = os.path.join("results", "demo")
+    # attribute: an entry point returning the wrong kind of object is a TypeError
+    expected = (ValueError, FileNotFoundError, ImportError) + (
+        (TypeError,) if args.command == "attribute" else ())
     try:
-        run_compare(args, argv)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+        if args.command == "attribute":
+            run_attribute(args)
+        else:
+            run_compare(args, argv)
+    except expected as e:
         print(f"captum-gim {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
