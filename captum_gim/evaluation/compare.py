@@ -7,6 +7,14 @@ Units are ranked by their summed attribution, highest first (signed: evidence *f
 the explained output ranks first; ``Saliency`` is unsigned), ties broken by a random key
 that is the same for every method. Results are deterministic for a given seed, except
 wall time and memory.
+
+Data-parallel: when a ``torch.distributed`` process group of several processes is open
+(``captum-gim compare`` started by ``torchrun`` or ``accelerate launch`` opens one), each
+process evaluates the examples ``rank, rank + world_size, ...``, every seed still being
+that of the example, and the per-example values are gathered on rank 0, which puts them
+back in example order, measures memory and computes the statistics: the report equals a
+one-process run's (times and memory aside). :func:`run_comparison` returns None on the
+other ranks.
 """
 
 from __future__ import annotations
@@ -191,13 +199,51 @@ class _Measured:
     peak_bytes: Optional[int] = None
 
 
-def run_comparison(task: Task, settings: CompareSettings) -> Report:
+def _world() -> Tuple[int, int]:
+    r"""``(rank, world_size)`` of an open ``torch.distributed`` group, else ``(0, 1)``."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(measured: Dict[str, "_Measured"], times: Dict[str, List[float]], mine: List[int],
+            n: int, world: int) -> Optional[Tuple[Dict[str, "_Measured"], Dict[str, List[float]]]]:
+    r"""Every rank's per-example values on rank 0, in example order (None elsewhere)."""
+    dist = torch.distributed
+    part = {key: (m.values, m.curves, m.shown, m.passes, times[key]) for key, m in measured.items()}
+    parts: Optional[List[Any]] = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object((mine, part), parts, dst=0)
+    if parts is None:
+        return None
+    where: Dict[int, Tuple[int, int]] = {}  # example -> (rank, position in that rank's list)
+    for r, (idx, _) in enumerate(parts):
+        for j, i in enumerate(idx):
+            where[i] = (r, j)
+    if sorted(where) != list(range(n)):
+        raise RuntimeError("the processes did not cover every example once")
+    order = [where[i] for i in range(n)]
+    for key, m in measured.items():
+        pick = [parts[r][1][key] for r in range(world)]
+        m.values = {name: [pick[r][0][name][j] for r, j in order] for name in pick[0][0]}
+        m.curves = [pick[r][1][j] for r, j in order]
+        m.shown = {i: v for p in pick for i, v in p[2].items()}
+        m.passes = [pick[r][3][j] for r, j in order]
+        times[key] = [pick[r][4][j] for r, j in order]
+    return measured, times
+
+
+def run_comparison(task: Task, settings: CompareSettings) -> Optional[Report]:
     r"""Run every method on every example of ``task`` and aggregate.
+
+    Inside an open ``torch.distributed`` group of several processes the examples are
+    shared between them and the values gathered on rank 0 (see the module's docstring).
 
     Returns:
         Report: per method every metric as mean and confidence interval, per-example
         values, the deletion curve, per-group means, paired differences against the
         reference method, time, passes and memory; the budget sweep and the frontier.
+        None on the ranks other than 0 of a multi-process run.
     """
     with warnings.catch_warnings():
         # Captum warns that our inputs did not require gradients: it sets that itself
@@ -211,9 +257,10 @@ def run_comparison(task: Task, settings: CompareSettings) -> Report:
             np.random.set_state(np_state)
 
 
-def _run(task: Task, settings: CompareSettings) -> Report:
+def _run(task: Task, settings: CompareSettings) -> Optional[Report]:
     from tqdm.auto import tqdm
 
+    rank, world = _world()
     counter = _PassCounter(task.forward_func)
     specs = build_methods(dataclasses.replace(task, forward_func=counter), settings)
     if not specs:
@@ -231,10 +278,13 @@ def _run(task: Task, settings: CompareSettings) -> Report:
     for spec in specs:
         _seed_global(_seed(settings.seed, 2, method_seed(spec.key)))
         spec.attribute(examples[0], _seed(settings.seed, 3, method_seed(spec.key), 0))
-    bar = tqdm(total=len(specs) * n, desc="attributing", disable=not settings.progress, unit="attr")
+    mine = list(range(rank, n, world))  # every example when one process runs
+    bar = tqdm(total=len(specs) * len(mine), desc="attributing", unit="attr",
+               disable=not settings.progress or rank != 0)
     # examples outside, methods inside: a change of machine load during the run affects
     # every method alike instead of whichever method happens to run then
-    for i, ex in enumerate(examples):
+    for i in mine:
+        ex = examples[i]
         for spec in specs:
             data = measured[spec.key]
             s = _seed(settings.seed, 3, method_seed(spec.key), i)
@@ -254,6 +304,11 @@ def _run(task: Task, settings: CompareSettings) -> Report:
                 data.shown[i] = scores.tolist()
             bar.update(1)
     bar.close()
+    if world > 1:
+        gathered = _gather(measured, times, mine, n, world)
+        if gathered is None:
+            return None
+        measured, times = gathered
     for spec in specs:
         measured[spec.key].values["time_ms"] = times[spec.key]
     mem_how = memory_method(device) if settings.measure_memory else None
