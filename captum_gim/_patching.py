@@ -192,7 +192,12 @@ class _Dispatch:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        self.previous = module.__dict__.get("forward", _NO_FORWARD)
+        # A module with an accelerate hook (device_map offload: the hook loads the weights
+        # before the forward and offloads them after) keeps the forward it wraps in
+        # ``_old_forward``: install there, under the hook, so the hook runs around GIM too.
+        hooked = getattr(module, "_hf_hook", None) is not None and "_old_forward" in module.__dict__
+        self.attr = "_old_forward" if hooked else "forward"
+        self.previous = module.__dict__.get(self.attr, _NO_FORWARD)
         self.original: Callable[..., Any] = (
             self.previous if self.previous is not _NO_FORWARD else type(module).forward.__get__(module)
         )
@@ -217,16 +222,17 @@ class _Dispatch:
         return self.original(*args, **kwargs)
 
     def install(self) -> Handle:
-        object.__setattr__(self.module, "forward", self)
+        attr = self.attr
+        object.__setattr__(self.module, attr, self)
 
         def undo() -> None:
             d = self.module.__dict__
-            if d.get("forward", _NO_FORWARD) is not self:
+            if d.get(attr, _NO_FORWARD) is not self:
                 return  # someone replaced the dispatcher; leave theirs
             if self.previous is _NO_FORWARD:
-                del d["forward"]
+                del d[attr]
             else:
-                object.__setattr__(self.module, "forward", self.previous)
+                object.__setattr__(self.module, attr, self.previous)
 
         return Handle(undo)
 

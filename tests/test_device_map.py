@@ -84,14 +84,10 @@ def test_llama_cpu_and_disk_offload_equals_whole(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="GIM's torch.nn.LayerNorm rule replaces the forward of a module that carries its "
-    "own accelerate hook (an offloaded leaf with parameters), so the hook that loads the "
-    "weights never runs (meta tensors). Fix in captum_gim._patching._Dispatch: install at "
-    "module._old_forward when the module has _hf_hook (see docs/large_models.rst).",
-)
 def test_gpt2_offloaded_layernorm_equals_whole(tmp_path):
+    """GPT-2's torch.nn.LayerNorm modules carry accelerate hooks of their own (offloaded
+    leaves with parameters): GIM's forward is installed under the hook, which keeps loading
+    and offloading their weights."""
     _check(tiny_gpt2, GPT2_MAP, tmp_path)
 
 

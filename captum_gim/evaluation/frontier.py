@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .metrics import bootstrap_ci
+from .table import fmt_diff
 from .types import METRICS, QUALITY_METRICS, MethodResult, MetricSummary
 
 __all__ = ["verdict", "paired", "pareto", "frontier_report", "frontier_summary", "COSTS"]
@@ -194,6 +195,5 @@ def frontier_summary(frontier: Dict[str, Any], names: Dict[str, str]) -> str:
         for metric, d in mb["differences"].items():
             if d["mean"] is None:
                 continue
-            lines.append(f"  {METRICS[metric][0]:9s} {d['mean']:+.3f} [{d['ci_low']:+.3f}, "
-                         f"{d['ci_high']:+.3f}]  {d['verdict']}")
+            lines.append(f"  {METRICS[metric][0]:9s} {fmt_diff(d)}  {d['verdict']}")
     return "\n".join(lines)

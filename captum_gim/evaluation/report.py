@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Sequence, Union
 
-from .table import columns, fmt, fmt_memory, table_rows
+from .table import columns, fmt, fmt_diff, fmt_memory, table_rows
 from .types import METRICS, ReportData, to_jsonable
 
 __all__ = ["Report", "table_rows", "fmt_memory", "write_json", "to_jsonable"]
@@ -79,8 +79,7 @@ class Report(ReportData):
             d = vs.get(m)
             if m == "time_ms" or not d or d.get("mean") is None:
                 continue
-            lines.append(f"  {label:9s} {d['mean']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]  "
-                         f"{d['verdict']}")
+            lines.append(f"  {label:9s} {fmt_diff(d)}  {d['verdict']}")
         if vs.get("median_time_ratio") is not None:
             lines.append(f"  time      {vs['median_time_ratio']:.3g}x the median time of "
                          f"{ref.name if ref else vs['reference']}")

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from .types import METRICS, QUALITY_METRICS, MetricSummary, ReportData
 
-__all__ = ["table_rows", "columns", "fmt", "fmt_memory"]
+__all__ = ["table_rows", "columns", "fmt", "fmt_memory", "fmt_diff"]
 
 
 def fmt(x: Optional[float], metric: str) -> str:
@@ -18,6 +18,12 @@ def fmt(x: Optional[float], metric: str) -> str:
     if metric == "time_ms":
         return f"{x:.3g}" if x < 100 else f"{x:.0f}"
     return f"{x:.3f}"
+
+
+def fmt_diff(d: dict) -> str:
+    r"""A paired difference ``mean [ci_low, ci_high]`` with four decimals: one digit finer
+    than the comparisons' tolerance (0.001), so a verdict can be checked by eye."""
+    return f"{d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
 
 
 def _cell(s: Optional[MetricSummary], metric: str) -> str:
