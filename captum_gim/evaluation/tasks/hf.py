@@ -64,6 +64,22 @@ DEFAULT_PAIRS: Tuple[Tuple[str, str], ...] = (
     ("The airplane landed safely despite the fog.", "The flight touched down in poor visibility."),
     ("A chef slices fresh tomatoes for the salad.", "Someone is cutting vegetables."),
     ("The museum opens a new dinosaur exhibition.", "Fossils go on display at the museum."),
+    ("The baby is sleeping in her crib.", "An infant naps in a cot."),
+    ("Volunteers planted trees along the river.", "People put new trees by the water."),
+    ("The orchestra played a symphony by Mozart.", "Musicians performed classical music."),
+    ("A boy is reading a comic book on the bus.", "A child reads during his commute."),
+    ("The bakery sells fresh bread every morning.", "Loaves are baked daily at the shop."),
+    ("The team won the championship last night.", "The club took the title."),
+    ("A woman is jogging along the beach at sunrise.", "Someone runs by the sea early."),
+    ("The scientists discovered a new species of frog.", "Researchers found an unknown amphibian."),
+    ("The old bridge was closed for repairs.", "Workers are fixing the aging bridge."),
+    ("He spilled coffee on his laptop keyboard.", "A drink ruined his computer."),
+    ("The farmer harvested wheat in the autumn.", "Grain was gathered in the fall."),
+    ("A cyclist waits at the red traffic light.", "The rider stops at the signal."),
+    ("The library extended its opening hours.", "The library now stays open longer."),
+    ("Firefighters rescued a cat from the roof.", "A cat was saved by the fire crew."),
+    ("The teacher explained the math problem again.", "The lesson on sums was repeated."),
+    ("Tourists took photos of the famous tower.", "Visitors photographed the landmark."),
 )
 
 _STOPWORDS = frozenset(
