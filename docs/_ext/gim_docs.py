@@ -556,6 +556,40 @@ def _examples_as_sections(app, what, name, obj, options, lines: List[str]) -> No
             lines[i] = f"{m.group(1)}{m.group(2)}:"
 
 
+#: the rows and columns of the front page's "at a glance" table (from results/table.csv)
+GLANCE_ROWS = ("GIM", "IG(4)", "IG(50)", "IG-GIM(50)", "InputXGradient", "Saliency")
+GLANCE_COLUMNS = ("Method", "Comp ↑", "Suff ↓", "GT-AUROC ↑", "ms/ex", "passes")
+
+
+def glance_rst() -> str:
+    """GIM against Integrated Gradients at a glance: a few rows of the committed results
+    table (``docs/results/table.csv``, written by ``captum-gim compare``)."""
+    import csv
+
+    path = RESULTS / "table.csv"
+    if not path.exists():
+        return "(No comparison results committed yet: see :doc:`results`.)\n"
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    picked = [r for name in GLANCE_ROWS for r in rows if r.get("Method") == name]
+    n = ""
+    report = RESULTS / "report.json"
+    if report.exists():
+        n = f" over {json.loads(report.read_text())['task']['n_examples']} examples"
+    lines = [
+        f".. list-table:: GIM against Integrated Gradients on the embedded default task "
+        f"(mean ± half-width of the 95% bootstrap CI{n}; ``captum-gim compare --quick``; "
+        "the whole table, the frontier plot and two tasks where GIM loses: :doc:`results`)",
+        "   :header-rows: 1",
+        "",
+    ]
+    for row in [dict(zip(GLANCE_COLUMNS, GLANCE_COLUMNS))] + picked:
+        cells = [_cell(str(row.get(c, ""))) for c in GLANCE_COLUMNS]
+        lines.append("   * - " + cells[0])
+        lines.extend("     - " + c for c in cells[1:])
+    return "\n".join(lines) + "\n"
+
+
 def generate(app=None) -> None:
     GENERATED.mkdir(exist_ok=True)
     _api_pages()
@@ -570,6 +604,7 @@ def generate(app=None) -> None:
     _write(GENERATED / "hf_helpers.inc", hf_helpers_rst())
     _write(GENERATED / "cli_help.inc", cli_help_rst())
     _write(GENERATED / "results.inc", results_rst())
+    _write(GENERATED / "glance.inc", glance_rst())
 
 
 def setup(app):
