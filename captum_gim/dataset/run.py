@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Union
 
 from .backend import Backend, BadRow, parse_target
 from .distributed import (
@@ -373,6 +373,10 @@ def _run(info: ProcessInfo, out: Path, rows: Rows, backend: Backend, record: Dic
     finally:
         result.seconds = time.perf_counter() - start
         bar.close()
+    if progress and info.distributed:
+        print(f"rank {info.rank} of {info.world_size}: computed shards {result.computed} "
+              f"({result.examples} rows, {result.examples_per_second:.1f} examples/s)",
+              file=sys.stderr)
     ok = all_succeeded(info, error is None)
     if error is not None:
         raise error
@@ -390,15 +394,3 @@ def _run(info: ProcessInfo, out: Path, rows: Rows, backend: Backend, record: Dic
                   f"{out}", file=sys.stderr)
     barrier(info)  # the index exists when any process returns
     return result
-
-
-def summary_line(run: AttributeRun) -> str:
-    r"""One line about a finished run, for the command's output."""
-    rate = f", {run.examples_per_second:.1f} examples/s" if run.examples else ""
-    return (f"{run.out}: {run.n_rows} rows in {run.n_shards} shards; this process computed "
-            f"{len(run.computed)} ({run.examples} rows{rate})")
-
-
-def shard_files(out: Path, n_shards: int, fmt: str) -> Sequence[Path]:
-    r"""The shard files of a run, in order."""
-    return [Path(out) / shard_name(k, fmt) for k in range(n_shards)]
