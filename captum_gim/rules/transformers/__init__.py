@@ -58,14 +58,17 @@ names the reason for every attention module it cannot handle.
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 from typing import Tuple
+
+from ..._compat import transformers_problem
+
+if transformers_problem() is not None:  # older than the tested floor: refuse, with the reason
+    raise ImportError(transformers_problem())
 
 from transformers import PreTrainedModel
 
 from ...registry import Rule
-from . import attention, detect, experts, mlp, norms, support
+from . import attention, detect, experts, legacy, mlp, norms, support
 from .attention import (
     _ATTENTION_FUNCTIONS,
     _explicit_attention,
@@ -76,6 +79,7 @@ from .attention import (
 )
 from .detect import _covers, _explain, attention_support, is_fused_experts, is_gated_mlp, is_hf_norm
 from .experts import install_experts
+from .legacy import install_legacy_attention, is_legacy_attention
 from .mlp import install_gated_mlp
 from .norms import install_norm
 from .support import (
@@ -102,6 +106,7 @@ __all__ = [
     "norm_rule",
     "gated_mlp_rule",
     "experts_rule",
+    "legacy_attention_rule",
 ]
 
 
@@ -134,4 +139,15 @@ experts_rule = Rule(
     note="experts' gate and up branches x1/2; routing weights keep their true gradient",
 )
 
-RULES: Tuple[Rule, ...] = (experts_rule, gated_mlp_rule, norm_rule, model_rule)
+legacy_attention_rule = Rule(
+    "transformers.legacy_attention",
+    install_legacy_attention,
+    kind="attention",
+    predicate=is_legacy_attention,
+    note=(
+        "transformers 4.x attention classes without AttentionInterface (BERT, RoBERTa, "
+        "Qwen2-MoE): GIM's functional layer on the module"
+    ),
+)
+
+RULES: Tuple[Rule, ...] = (experts_rule, gated_mlp_rule, norm_rule, legacy_attention_rule, model_rule)

@@ -82,6 +82,28 @@ def _original_attention(module: nn.Module, impl: str) -> Callable[..., Any]:
     return interface[impl]
 
 
+def _gpt2_scaling(module: nn.Module, query: Tensor) -> float:
+    """GPT-2's scale: ``module.scaling`` (transformers >= 5.4), else from its two flags."""
+    if hasattr(module, "scaling"):
+        return float(module.scaling)
+    scaling = query.shape[-1] ** -0.5 if module.scale_attn_weights else 1.0
+    if getattr(module, "scale_attn_by_inverse_layer_idx", False):
+        scaling /= float(module.layer_idx + 1)
+    return scaling
+
+
+def _implicit_scaling(impl: str, module: nn.Module, query: Tensor) -> float:
+    """The scale the original applies when the caller passed no ``scaling``.
+
+    SDPA's default (``head_dim ** -0.5``), except for GPT-2-style eager functions of
+    transformers < 5.4, which read ``scale_attn_weights`` (and
+    ``scale_attn_by_inverse_layer_idx``) from the module instead of taking ``scaling``.
+    """
+    if impl == "eager" and hasattr(module, "scale_attn_weights") and not hasattr(module, "scaling"):
+        return _gpt2_scaling(module, query)
+    return query.shape[-1] ** -0.5
+
+
 def _prepare(
     impl: str,
     module: nn.Module,
@@ -100,9 +122,11 @@ def _prepare(
         raise NotImplementedError("attention sinks (s_aux)")
     if kwargs.get("cache") is not None:
         raise NotImplementedError("paged attention caches")
+    if kwargs.get("head_mask") is not None:  # transformers 4.x only
+        raise NotImplementedError("head masks (head_mask)")
     scaling = kwargs.get("scaling")
     if scaling is None:
-        scaling = query.shape[-1] ** -0.5
+        scaling = _implicit_scaling(impl, module, query)
     dropout = float(kwargs.get("dropout", 0.0) or 0.0)
     bias: Optional[Tensor] = None
     keep: Optional[Tensor] = None
@@ -115,7 +139,7 @@ def _prepare(
             bias = attention_mask
     if impl == "eager":
         if _uses_upcast_reordered(module):  # ignores the kwargs: read the module
-            scaling = float(module.scaling)
+            scaling = _gpt2_scaling(module, query)
             dropout = float(module.attn_dropout.p)
         if not module.training:
             dropout = 0.0
@@ -335,14 +359,14 @@ def _register_interfaces() -> None:
         return
     for impl, fn in _ATTENTION_FUNCTIONS.items():
         key = GIM_ATTENTION_PREFIX + impl
-        existing = AttentionInterface._global_mapping.get(key)
+        existing = ALL_ATTENTION_FUNCTIONS.get(key)
         if existing is not None and getattr(existing, "__name__", "") != fn.__name__:
             raise RuntimeError(
                 f"captum_gim: the attention implementation key {key!r} is already registered "
                 "by something else; captum_gim will not overwrite it"
             )
         AttentionInterface.register(key, fn)
-        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[impl]
+        mask_fn = ALL_MASK_ATTENTION_FUNCTIONS[impl]
         AttentionMaskInterface.register(key, mask_fn)
 
 

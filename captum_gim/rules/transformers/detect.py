@@ -12,9 +12,10 @@ from torch import nn
 
 import transformers
 
-from .support import GIM_ATTENTION_PREFIX, SUPPORTED_ATTENTION_IMPLEMENTATIONS
+from ..._compat import legacy_hf_attention
+from .support import GIM_ATTENTION_PREFIX, LEGACY_ATTENTION_CLASSES, SUPPORTED_ATTENTION_IMPLEMENTATIONS
 
-try:  # transformers >= 4.53
+try:  # transformers >= 4.53 (the package refuses older ones before importing this)
     from transformers.masking_utils import AttentionMaskInterface
 except ImportError:  # pragma: no cover - older transformers
     AttentionMaskInterface = None
@@ -51,6 +52,10 @@ def _forward_source(cls: type) -> str:
 
 def _uses_attention_interface(module: nn.Module) -> bool:
     return "ALL_ATTENTION_FUNCTIONS" in _forward_source(type(module))
+
+
+def _is_legacy_attention(module: nn.Module) -> bool:
+    return _is_hf_class(module) and type(module).__name__ in LEGACY_ATTENTION_CLASSES
 
 
 def _looks_like_attention(module: nn.Module) -> bool:
@@ -94,10 +99,18 @@ def attention_support(module: nn.Module) -> Optional[str]:
 
     ``module`` is an attention module (or a wrapper of one, such as ``BertAttention``).
     It is supported when it (or a module inside it) dispatches through transformers'
-    ``AttentionInterface`` with the ``eager`` or ``sdpa`` implementation.
+    ``AttentionInterface`` with the ``eager`` or ``sdpa`` implementation; with
+    transformers 4.x, also when it is one of the attention classes that compute attention
+    themselves and that GIM's functional layer covers (:data:`LEGACY_ATTENTION_CLASSES`).
     """
     users = [m for m in module.modules() if _uses_attention_interface(m)]
     if not users:
+        if legacy_hf_attention() and any(_is_legacy_attention(m) for m in module.modules()):
+            # transformers 4.x families with their own attention classes (BERT, RoBERTa,
+            # Qwen2-MoE): the functional layer gives their explicit softmax attention or
+            # F.scaled_dot_product_attention GIM's backward, and in strict mode raises at
+            # run time if it meets an attention softmax it does not recognise
+            return None
         return (
             f"{type(module).__name__} computes attention without transformers' "
             "AttentionInterface, so GIM has no rule for its softmax"

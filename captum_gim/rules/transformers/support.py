@@ -10,6 +10,7 @@ __all__ = [
     "SUPPORT_MATRIX",
     "support_table",
     "GIMAttentionMismatchWarning",
+    "LEGACY_ATTENTION_CLASSES",
 ]
 
 #: Prefix of the keys registered with ``AttentionInterface``.
@@ -21,6 +22,23 @@ SUPPORTED_ATTENTION_IMPLEMENTATIONS: Tuple[str, ...] = ("eager", "sdpa")
 class GIMAttentionMismatchWarning(UserWarning):
     """The explicit attention GIM recomputes does not reproduce the model's attention output."""
 
+
+#: transformers 4.x attention classes that compute attention themselves (no
+#: ``AttentionInterface``) and that GIM's functional layer covers: their explicit
+#: ``softmax(q k^T)`` or ``F.scaled_dot_product_attention`` gets GIM's backward, and strict
+#: mode raises at run time if an attention softmax was not recognised. Each is tested on
+#: transformers 4.53 and 4.57 (``make test-matrix``); transformers 5 moved these families
+#: to ``AttentionInterface``. Other 4.x classes without the interface stay unsupported.
+LEGACY_ATTENTION_CLASSES = frozenset(
+    {
+        "BertSelfAttention",
+        "BertSdpaSelfAttention",
+        "RobertaSelfAttention",
+        "RobertaSdpaSelfAttention",
+        "Qwen2MoeAttention",
+        "Qwen2MoeSdpaAttention",
+    }
+)
 
 
 _OK = "supported"
