@@ -185,3 +185,12 @@ def test_reader_jsonl_csv_records(tmp_path):
 def test_pad_right_device_and_dtype():
     ids, mask = pad_right([[1, 2]], 0, torch.device("cpu"))
     assert ids.dtype == mask.dtype == torch.long
+
+
+def test_reader_datasets_fingerprint_is_the_content():
+    datasets = pytest.importorskip("datasets")
+    a = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [1, 0]})
+    b = datasets.Dataset.from_list([{"text": "a", "label": 1}, {"text": "b", "label": 0}])
+    c = datasets.Dataset.from_dict({"text": ["a", "c"], "label": [1, 0]})
+    assert load_rows(a).fingerprint == load_rows(b).fingerprint != load_rows(c).fingerprint
+    assert load_rows(a)[1] == {"text": "b", "label": 0}

@@ -4,8 +4,8 @@ r"""The rows to attribute: a JSONL or CSV file (read with Hugging Face ``dataset
 :func:`load_rows` returns :class:`Rows`: random access by row number (0-based: the
 ``n``-th record of the file, blank lines of a JSONL file not counted; the ``n``-th data
 line of a CSV file after its header), the column names, and a fingerprint of the
-content (the SHA-256 of the file; of the records otherwise), which a resumed run
-compares with the one recorded in the output folder.
+content (the SHA-256 of the file; of the records otherwise, read in order), which a
+resumed run compares with the one recorded in the output folder.
 """
 
 from __future__ import annotations
@@ -210,7 +210,12 @@ def load_rows(data: Union[str, Path, Sequence[Mapping[str, Any]], Any]) -> Rows:
         import datasets
 
         if isinstance(data, datasets.Dataset):
-            return _from_hf(data, "datasets:" + str(data._fingerprint), f"datasets.Dataset {data}")
+            # the content's hash: datasets' own fingerprint can be random (unhashable
+            # transforms), which would make a resumed run look like another one
+            h = hashlib.sha256()
+            for batch in data.iter(batch_size=1000):
+                h.update(json.dumps(batch, sort_keys=True, default=repr, ensure_ascii=False).encode())
+            return _from_hf(data, "sha256:" + h.hexdigest(), f"datasets.Dataset ({len(data)} rows)")
     except ImportError:  # pragma: no cover - datasets is a dependency of the extra
         pass
     if isinstance(data, Sequence) and not isinstance(data, (bytes, str)):
