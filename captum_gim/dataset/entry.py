@@ -14,8 +14,9 @@ r"""``--model``: from what the user names to a :class:`~captum_gim.dataset.backe
   returns one of:
 
   - a :class:`~captum_gim.dataset.backend.Backend`: used as it is (it should honour
-    ``method``; a backend with a ``method`` attribute that differs from ``--method`` is
-    refused);
+    ``method``; a backend with a ``method`` attribute that differs from the run's is
+    refused, and one without it is refused unless the run asks for GIM with the default
+    temperature);
   - a PyHealth model (``pyhealth.models.BaseModel`` implementing ``Interpretable``:
     ``MLP``, ``StageNet``, ``StageAttentionNet``, ``Transformer``), or the tuple
     ``(forward_func, model)`` with such a model and ``forward_func`` a
@@ -119,7 +120,8 @@ def _from_value(value: Any, settings: MethodSettings, options: Dict[str, Any], w
                 f"than the run's ({settings.method!r}): give the function a 'method' "
                 "parameter and build the backend with it"
             )
-        if not isinstance(method, MethodSettings) and settings != MethodSettings(seed=settings.seed):
+        if not isinstance(method, MethodSettings) and (
+                settings.method != "gim" or settings.config != MethodSettings().config):
             raise ValueError(
                 f"{what} returned a backend without a 'method' attribute: it cannot take "
                 "--method and its options; build it from the function's 'method' parameter"
