@@ -92,6 +92,24 @@ def _gpt2_scaling(module: nn.Module, query: Tensor) -> float:
     return scaling
 
 
+def _legacy_gpt2(module: nn.Module) -> bool:
+    """GPT-2's attention before transformers 5.4: flags instead of ``module.scaling``, and an
+    eager path that applies its own causal mask (the ``bias`` buffer) before the mask."""
+    return hasattr(module, "scale_attn_weights") and not hasattr(module, "scaling")
+
+
+def _gpt2_causal_bias(module: nn.Module, query: Tensor, key: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """GPT-2's eager scores before 5.4 are ``where(causal, s, min) + mask``: as one additive
+    bias, ``where(causal, 0, min) + mask`` (equal, also where both mask a score: -inf)."""
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    causal = module.bias[:, :, k_len - q_len : k_len, :k_len]
+    dtype = mask.dtype if mask is not None else query.dtype
+    zero = torch.zeros((), dtype=dtype, device=query.device)
+    low = torch.full((), torch.finfo(query.dtype).min, dtype=dtype, device=query.device)
+    bias = torch.where(causal.to(query.device), zero, low)
+    return bias if mask is None else bias + mask
+
+
 def _implicit_scaling(impl: str, module: nn.Module, query: Tensor) -> float:
     """The scale the original applies when the caller passed no ``scaling``.
 
@@ -99,7 +117,7 @@ def _implicit_scaling(impl: str, module: nn.Module, query: Tensor) -> float:
     transformers < 5.4, which read ``scale_attn_weights`` (and
     ``scale_attn_by_inverse_layer_idx``) from the module instead of taking ``scaling``.
     """
-    if impl == "eager" and hasattr(module, "scale_attn_weights") and not hasattr(module, "scaling"):
+    if impl == "eager" and _legacy_gpt2(module):
         return _gpt2_scaling(module, query)
     return query.shape[-1] ** -0.5
 
@@ -143,6 +161,14 @@ def _prepare(
             dropout = float(module.attn_dropout.p)
         if not module.training:
             dropout = 0.0
+        if (
+            _legacy_gpt2(module)
+            and keep is None
+            and not getattr(module, "is_cross_attention", False)
+            and isinstance(getattr(module, "bias", None), Tensor)
+            and module.bias.dtype == torch.bool
+        ):
+            bias = _gpt2_causal_bias(module, query, key, bias)
         return bias, keep, _Semantics(float(scaling), kwargs.get("softcap"), dropout, False)
     # sdpa, as transformers.integrations.sdpa_attention.sdpa_attention_forward
     if kwargs.get("softcap") is not None:
