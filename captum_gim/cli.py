@@ -47,7 +47,7 @@ QUICK: Dict[str, Dict[str, int]] = _per_target(
 )
 #: per-target settings without ``--quick`` (same fields as :data:`QUICK`)
 FULL: Dict[str, Dict[str, int]] = _per_target(
-    {"default": 256, "minilm": 16, "pyhealth": 128, "checkpoint": 32},
+    {"default": 256, "minilm": 32, "pyhealth": 128, "checkpoint": 32},
     n_bootstrap=2000, infidelity_samples=50, gradshap_samples=20,
 )
 

@@ -288,7 +288,7 @@ def _similarity_task(
 
 
 def minilm_task(
-    inputs: Optional[str] = None, n_examples: int = 16, device: torch.device = torch.device("cpu"),
+    inputs: Optional[str] = None, n_examples: int = 32, device: torch.device = torch.device("cpu"),
     max_length: int = 64, progress: bool = True,
 ) -> Task:
     r"""Sentence similarity on the pretrained all-MiniLM-L6-v2 (offline).
