@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 ENV := scripts/dev-env.sh
 
-.PHONY: env demo test test-fast bench docs clean
+.PHONY: env demo test test-fast test-matrix bench docs clean
 
 env:
 	@$(ENV) >/dev/null
@@ -15,6 +15,14 @@ test: env
 
 test-fast: env
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+# The version matrix (noxfile.py): Python 3.10-3.13 x torch x Captum x transformers x
+# pyhealth, each cell a fresh uv environment outside the clone (~/.cache/captum-gim/nox)
+# built from uv's shared cache; every cell runs, then the results go to
+# docs/support/matrix.json (the docs' table of tested versions).
+test-matrix: env
+	$(PY) -m nox -f noxfile.py -s cell; status=$$?; \
+	$(PY) -m nox -f noxfile.py -s report || status=1; exit $$status
 
 bench: env
 	$(PY) benchmarks/overhead.py

@@ -40,23 +40,26 @@ __all__ = [
     "legacy_hf_attention",
 ]
 
-#: The oldest version of each dependency that ``make test-matrix`` runs and passes (the
-#: floor cells install exactly these, with ``uv pip install --resolution lowest-direct``).
-#: ``setup.cfg`` declares the same floors.
+#: The oldest version of each dependency that ``make test-matrix`` runs and passes (its
+#: floor cells install ``setup.cfg``'s requirements with ``uv pip install --resolution
+#: lowest-direct``, which picks exactly these). ``setup.cfg`` declares the same floors;
+#: on Python >= 3.13 torch's is 2.6 (2.5's torch.compile does not run there) and Captum's
+#: 0.9 (Captum 0.8 pins numpy < 2, which has no 3.13 wheels).
 FLOORS = {
-    "torch": "2.4",
+    "torch": "2.5",
     "captum": "0.8",
     "tqdm": "4.60",
-    "matplotlib": "3.5",
+    "matplotlib": "3.9.2",
     "transformers": "4.53",
     "tokenizers": "0.21",
     "pyhealth": "2.1",
 }
 
-#: The releases the names in :data:`PRIVATE_NAMES` were checked on (by the test matrix).
+#: The releases the names in :data:`PRIVATE_NAMES` were checked on (the test matrix's cells).
 CHECKED_ON = {
-    "transformers": ("4.53.0", "4.57.6", "5.0.0", "5.23.0"),
+    "transformers": ("4.53.0", "4.57.6", "5.0.0", "5.20.2", "5.23.0"),
     "captum": ("0.8.0", "0.9.0"),
+    "torch": ("2.5.0", "2.6.0", "2.14.1"),
 }
 
 
@@ -118,12 +121,14 @@ def legacy_hf_attention() -> bool:
 
 
 class PrivateName(NamedTuple):
-    """A non-public name of ``transformers`` or Captum that captum_gim relies on.
+    """A non-public name of ``transformers``, Captum or torch that captum_gim relies on.
 
-    ``path`` is resolved by ``tests/test_hf_compat.py``: the longest importable module
-    prefix is imported, then each remaining part is an attribute; a part ending in ``()``
-    is called with no arguments (an instance of a config class, say). ``since`` is the
-    first release of :data:`CHECKED_ON` that has it (older ones are not expected to).
+    ``path`` is a Python expression that ``tests/test_hf_compat.py`` evaluates after
+    importing the longest importable module prefix of it (``"transformers.LlamaConfig()
+    ._attn_implementation"`` builds a config and reads the attribute). When ``path`` does
+    not end with ``name`` (an attribute set inside a function), ``name`` must appear in the
+    source of what it evaluates to. ``since`` / ``until``: it is expected in the releases
+    ``since <= version < until`` (empty: no bound).
     """
 
     package: str
@@ -132,6 +137,7 @@ class PrivateName(NamedTuple):
     used_in: str
     why: str
     since: str = ""
+    until: str = ""
 
 
 PRIVATE_NAMES: Tuple[PrivateName, ...] = (
@@ -199,13 +205,34 @@ PRIVATE_NAMES: Tuple[PrivateName, ...] = (
         "rules/transformers/experts.py",
         "where batched_mm / grouped_mm experts combine the gate and up branches (5.x; "
         "absent before 5.x: the eager loop is handled without it)",
-        since="5.23.0",
+        since="5.0.0",
     ),
     PrivateName(
         "transformers", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
         "transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
         "evaluation/tasks/hf_causal.py",
         "which config classes have a causal-LM head",
+    ),
+    PrivateName(
+        "transformers", "scale_attn_by_inverse_layer_idx",
+        "transformers.GPT2Config().scale_attn_by_inverse_layer_idx",
+        "rules/transformers/attention.py (_gpt2_scaling)", "see scale_attn_weights",
+    ),
+    PrivateName(
+        "transformers", "reorder_and_upcast_attn",
+        "transformers.GPT2Config().reorder_and_upcast_attn",
+        "rules/transformers/attention.py (_uses_upcast_reordered)",
+        "GPT-2's switch for its own eager path",
+    ),
+    PrivateName(
+        "transformers", "BertSdpaSelfAttention",
+        "transformers.models.bert.modeling_bert.BertSdpaSelfAttention",
+        "rules/transformers/support.py (LEGACY_ATTENTION_CLASSES)",
+        "transformers 4.x attention classes the legacy rule matches by name (also "
+        "BertSelfAttention, RobertaSelfAttention, RobertaSdpaSelfAttention, "
+        "Qwen2MoeAttention, Qwen2MoeSdpaAttention); gone in 5.x, where the rule matches "
+        "nothing",
+        until="5.0.0",
     ),
     # --- Captum ---------------------------------------------------------------------------
     PrivateName(
@@ -235,9 +262,18 @@ PRIVATE_NAMES: Tuple[PrivateName, ...] = (
         "attr/layer_gim.py", "a layer's gradients, as LayerGradientXActivation gets them",
     ),
     PrivateName(
-        "captum", "captum._utils.typing", "captum._utils.typing.TargetType",
-        "attr/*.py", "type aliases (BaselineType, TargetType, ModuleOrModuleList, "
-        "TensorOrTupleOfTensorsGeneric)",
+        "captum", "TargetType", "captum._utils.typing.TargetType", "attr/*.py", "a type alias",
+    ),
+    PrivateName(
+        "captum", "BaselineType", "captum._utils.typing.BaselineType", "attr/*.py", "a type alias",
+    ),
+    PrivateName(
+        "captum", "ModuleOrModuleList", "captum._utils.typing.ModuleOrModuleList",
+        "attr/layer_gim.py", "a type alias",
+    ),
+    PrivateName(
+        "captum", "TensorOrTupleOfTensorsGeneric",
+        "captum._utils.typing.TensorOrTupleOfTensorsGeneric", "attr/gim.py", "a type alias",
     ),
     PrivateName(
         "captum", "GradientAttribution", "captum.attr._utils.attribution.GradientAttribution",
@@ -280,5 +316,62 @@ PRIVATE_NAMES: Tuple[PrivateName, ...] = (
         "captum", "VisualizationDataRecord",
         "captum.attr._utils.visualization.VisualizationDataRecord",
         "evaluation/page.py", "the text-visualisation record (also captum.attr.visualization)",
+    ),
+    # --- torch (and accelerate) ----------------------------------------------------------
+    PrivateName(
+        "torch", "_call_impl", "torch.nn.Module._call_impl", "rules/functional.py",
+        "recognising a module's own call frame",
+    ),
+    PrivateName(
+        "torch", "_push_on_torch_function_stack", "torch._C._push_on_torch_function_stack",
+        "rules/functional.py", "re-entering the TorchFunctionMode stack",
+    ),
+    PrivateName(
+        "torch", "_pop_torch_function_stack", "torch._C._pop_torch_function_stack",
+        "rules/functional.py", "leaving the TorchFunctionMode stack",
+    ),
+    PrivateName(
+        "torch", "_C", "torch._C", "rules/functional.py", "torch's C extension (the two above)",
+    ),
+    PrivateName(
+        "torch", "_get_current_function_mode_stack",
+        "torch.overrides._get_current_function_mode_stack", "rules/functional.py",
+        "the TorchFunctionMode stack in force",
+    ),
+    PrivateName(
+        "torch", "_get_softmax_dim", "torch.nn.functional._get_softmax_dim",
+        "rules/functional.py", "softmax's implicit dim, as F.softmax picks it",
+    ),
+    PrivateName(
+        "torch", "_orig_mod", "torch._dynamo.eval_frame.OptimizedModule.__init__",
+        "rules/functional.py", "the module a torch.compile wrapper holds (compiled models are refused)",
+    ),
+    PrivateName(
+        "torch", "_qkv_same_embed_dim", "torch.nn.MultiheadAttention(4, 2)._qkv_same_embed_dim",
+        "rules/torch_nn.py", "nn.MultiheadAttention's packed-projection flag",
+    ),
+    PrivateName(
+        "torch", "_canonical_mask", "torch.nn.functional._canonical_mask",
+        "rules/torch_nn.py", "F.multi_head_attention_forward's own mask handling",
+    ),
+    PrivateName(
+        "torch", "_mha_shape_check", "torch.nn.functional._mha_shape_check",
+        "rules/torch_nn.py", "F.multi_head_attention_forward's own shape check",
+    ),
+    PrivateName(
+        "torch", "_in_projection_packed", "torch.nn.functional._in_projection_packed",
+        "rules/torch_nn.py", "F.multi_head_attention_forward's own projections",
+    ),
+    PrivateName(
+        "torch", "_in_projection", "torch.nn.functional._in_projection",
+        "rules/torch_nn.py", "F.multi_head_attention_forward's own projections",
+    ),
+    PrivateName(
+        "torch", "_none_or_dtype", "torch.nn.functional._none_or_dtype",
+        "rules/torch_nn.py", "F.multi_head_attention_forward's own dtype check",
+    ),
+    PrivateName(
+        "accelerate", "_hf_hook", "accelerate.hooks.add_hook_to_module",
+        "_patching.py", "the hook accelerate's device_map dispatch puts on a module",
     ),
 )

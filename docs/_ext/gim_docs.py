@@ -366,6 +366,73 @@ def support_matrix_rst() -> str:
     return "\n".join(out) + "\n"
 
 
+# --------------------------------------------------------------------------- tested versions
+
+SUPPORT_JSON = DOCS / "support" / "matrix.json"
+_VERSION_COLUMNS = (("python", "Python"), ("torch", "torch"), ("captum", "Captum"),
+                    ("transformers", "transformers"), ("pyhealth", "pyhealth"))
+
+
+def _vkey(v: str) -> Tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", v)[:3])
+
+
+def support_versions_rst() -> str:
+    r"""The tested versions (``make test-matrix``), from the committed docs/support/matrix.json.
+
+    One row per cell of the matrix (its versions, the groups of tests it ran, the result and
+    its time), then the range each package was tested over.
+    """
+    if not SUPPORT_JSON.exists():
+        return ".. note:: The version matrix has not been run yet (``make test-matrix``).\n"
+    data = json.loads(SUPPORT_JSON.read_text())
+    cells = [data["cells"][n] for n in data.get("order", sorted(data["cells"]))]
+    rows = [["Cell", *[title for _, title in _VERSION_COLUMNS], "Tests", "Result", "Minutes"]]
+    for r in cells:
+        v = r.get("versions", {})
+        if r.get("status") == "not run":
+            result, minutes = "not run", "-"
+        else:
+            result = f"{r['status']}: {r['passed']} passed"
+            if r["failed"] + r["errors"]:
+                result += f", {r['failed'] + r['errors']} failed"
+            if r["skipped"]:
+                result += f", {r['skipped']} skipped"
+            minutes = f"{(r.get('install_s', 0) + r.get('test_s', 0)) / 60:.1f}"
+        rows.append([f"``{r['cell']}``", *[v.get(k, "-") for k, _ in _VERSION_COLUMNS],
+                     ", ".join(r["groups"]), result, minutes])
+    ran = [r for r in cells if r.get("versions")]
+    ranges = []
+    for key, title in _VERSION_COLUMNS:
+        seen = sorted({r["versions"][key] for r in ran if key in r["versions"]}, key=_vkey)
+        if seen:
+            ranges.append(f"{title} {seen[0]}" + (f" to {seen[-1]}" if len(seen) > 1 else ""))
+    provenance = f"commit ``{data.get('commit') or '?'}``"
+    if data.get("uncommitted"):
+        provenance += " with uncommitted changes to " + ", ".join(
+            f"``{f}``" for f in data["uncommitted"])
+    out = [
+        f"Tested: {'; '.join(ranges)}.",
+        "",
+        f"Generated from ``docs/support/matrix.json``, written by ``make test-matrix`` on "
+        f"{data.get('date', '?')} ({data.get('platform', '?')}; {provenance}; "
+        f"{data.get('seconds', 0) / 60:.0f} minutes of cells). \"core\": the Captum "
+        "contract, ops, scope, torch.nn rules and references, plots, the comparison API; "
+        "\"hf\": every Hugging Face test (families, eager = SDPA, textbook references, "
+        "attention scaling, private names); \"pyhealth\": the PyHealth tests. Floor cells "
+        "install ``setup.cfg``'s requirements at their lowest versions.",
+        "",
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :class: support-versions",
+        "",
+    ]
+    for row in rows:
+        out.append("   * - " + _cell(row[0]))
+        out.extend("     - " + _cell(c) for c in row[1:])
+    return "\n".join(out) + "\n"
+
+
 def hf_helpers_rst() -> str:
     modname = "captum_gim.adapters.transformers"
     if not _installed("transformers"):
@@ -602,6 +669,7 @@ def generate(app=None) -> None:
     tutorials()
     _write(GENERATED / "support_matrix.inc", support_matrix_rst())
     _write(GENERATED / "hf_helpers.inc", hf_helpers_rst())
+    _write(GENERATED / "support_versions.inc", support_versions_rst())
     _write(GENERATED / "cli_help.inc", cli_help_rst())
     _write(GENERATED / "results.inc", results_rst())
     _write(GENERATED / "glance.inc", glance_rst())
