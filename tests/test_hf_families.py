@@ -15,7 +15,7 @@ import pytest
 import torch
 from captum.attr import LayerGradientXActivation
 
-from test_hf_helpers import FAMILIES, assert_clean, family
+from test_hf_helpers import FAMILIES, TRANSFORMERS_4, assert_clean, family
 
 from captum_gim import LayerGIM, gim_backward
 from captum_gim.rules.transformers import SUPPORT_MATRIX
@@ -36,6 +36,9 @@ EXPECTED_RULES = {
     "mixtral": {"transformers.norm", "transformers.experts"},
     "qwen2_moe": {"transformers.norm", "transformers.experts", "transformers.gated_mlp"},
 }
+if TRANSFORMERS_4:  # experts are a ModuleList of gated MLPs (w1/w3, gate_proj/up_proj)
+    EXPECTED_RULES["mixtral"] = {"transformers.norm", "transformers.gated_mlp"}
+    EXPECTED_RULES["qwen2_moe"] = {"transformers.norm", "transformers.gated_mlp"}
 
 
 def _gim(f, **kw):

@@ -121,6 +121,19 @@ def tb_rope(x: Tensor, theta: float, positions: Tensor) -> Tensor:
     return x * cos + rot * sin
 
 
+def rope_theta(cfg: Any) -> float:
+    """The RoPE base: ``rope_parameters["rope_theta"]`` (transformers 5), ``rope_theta`` (4.x)."""
+    rp = getattr(cfg, "rope_parameters", None)
+    if isinstance(rp, dict) and "rope_theta" in rp:
+        return float(rp["rope_theta"])
+    return float(cfg.rope_theta)
+
+
+#: transformers 4.x (module layouts differ: MoE experts as a ModuleList, Gemma's embedding
+#: scale applied by the model rather than by its embedding module...)
+TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
+
+
 def causal_keep(L: int, window: Optional[int] = None) -> Tensor:
     i = torch.arange(L)[:, None]
     j = torch.arange(L)[None, :]

@@ -83,10 +83,19 @@ def _manual(lm, tokenizer, method_cls, **method_kwargs):
     return torch.stack(rows)
 
 
+def _has_skip_tokens(llm) -> bool:
+    import inspect
+
+    return "skip_tokens" in inspect.signature(llm.attribute).parameters
+
+
 def test_llm_gradient_attribution_end_to_end(model, tokenizer) -> None:
     llm = LLMGradientAttribution(LayerGIM(model, model.get_input_embeddings()), tokenizer)
     inp = TextTokenInput(PROMPT, tokenizer)
-    result = llm.attribute(inp, target=TARGET)
+    # Captum 0.8 tokenizes a str target with the special tokens unless told to skip them
+    # (its skip_tokens); 0.9 encodes it without them and has no skip_tokens
+    skip = {"skip_tokens": [tokenizer.bos_token_id]} if _has_skip_tokens(llm) else {}
+    result = llm.attribute(inp, target=TARGET, **skip)
     n_target = len(tokenizer.encode(TARGET, add_special_tokens=False))
     n_prompt = len(tokenizer.encode(PROMPT))
     assert n_target == 3

@@ -24,6 +24,7 @@ from test_hf_helpers import (
     build_gpt2,
     build_llama,
     causal_keep,
+    rope_theta,
     tb_attention,
     tb_layer_norm,
     tb_rms,
@@ -59,7 +60,7 @@ def ref_llama(model, e: Tensor, T: float, freeze: bool, divide: bool) -> Tensor:
     d = cfg.hidden_size // H
     B, L, _ = e.shape
     pos = torch.arange(L)
-    theta = cfg.rope_parameters["rope_theta"]
+    theta = rope_theta(cfg)
     half = 0.5 if divide else 1.0
     x = e
     for layer in model.model.layers:
@@ -113,7 +114,7 @@ def ref_gemma2(model, e: Tensor, T: float, freeze: bool, divide: bool) -> Tensor
     H, Hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     B, L, _ = e.shape
     pos = torch.arange(L)
-    theta = cfg.rope_parameters["rope_theta"]
+    theta = rope_theta(cfg)
     half = 0.5 if divide else 1.0
     eps = cfg.rms_norm_eps
 
@@ -121,6 +122,9 @@ def ref_gemma2(model, e: Tensor, T: float, freeze: bool, divide: bool) -> Tensor
         return tb_rms(h, m.weight, eps, freeze, one_plus=True)
 
     x = e  # the scaled embedding's output (embeddings * sqrt(hidden))
+    if not hasattr(model.model.embed_tokens, "embed_scale"):
+        # transformers < 5.4: a plain embedding; the model scales its output itself
+        x = e * torch.tensor(cfg.hidden_size**0.5, dtype=e.dtype)
     for i, layer in enumerate(model.model.layers):
         a = layer.self_attn
         window = cfg.sliding_window if cfg.layer_types[i] == "sliding_attention" else None

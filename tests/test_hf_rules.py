@@ -13,7 +13,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from test_hf_helpers import SEQ, build_gpt2, build_llama, build_mixtral, build_phi3, build_qwen2_moe
+from test_hf_helpers import (
+    SEQ,
+    TRANSFORMERS_4,
+    build_gpt2,
+    build_llama,
+    build_mixtral,
+    build_phi3,
+    build_qwen2_moe,
+)
 
 from captum_gim import gim_backward
 
@@ -49,7 +57,7 @@ def _grads(model: nn.Module, modules: Dict[str, nn.Module], settings: dict, para
         for h in handles:
             h.remove()
     for name, p in params:
-        grads[name] = p.grad.detach().clone()
+        grads[name] = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
     return grads
 
 
@@ -133,6 +141,11 @@ def test_freeze_alone_makes_inverse_rms_a_constant() -> None:
 @pytest.mark.parametrize("experts_impl", ["eager", "batched_mm", "grouped_mm"])
 def test_moe_experts_halved_router_untouched(experts_impl: str) -> None:
     model = build_mixtral("sdpa", num_hidden_layers=1, experts_implementation=experts_impl)
+    if TRANSFORMERS_4:
+        if experts_impl != "eager":
+            pytest.skip("experts implementations (batched_mm, grouped_mm) are transformers 5's")
+        _moe_modulelist_halved_router_untouched(model)
+        return
     moe = model.model.layers[0].mlp
     params = [
         ("gate_up", moe.experts.gate_up_proj),
@@ -146,6 +159,23 @@ def test_moe_experts_halved_router_untouched(experts_impl: str) -> None:
     _close(div["down"], plain["down"])
     _close(div["router"], plain["router"])  # routing weights keep their true gradient
     for k in ("gate_up", "down", "router"):  # router softmax: no TSG
+        _close(tsg[k], plain[k])
+
+
+def _moe_modulelist_halved_router_untouched(model: nn.Module) -> None:
+    """transformers 4.x: Mixtral's experts are a ModuleList of w1 (gate), w3 (up), w2 (down)."""
+    moe = model.model.layers[0].block_sparse_moe
+    names = [(i, n) for i in range(len(moe.experts)) for n in ("w1", "w3", "w2")]
+    params = [(f"{n}{i}", getattr(moe.experts[i], n).weight) for i, n in names]
+    params.append(("router", moe.gate.weight))
+    plain = _grads(model, {}, PLAIN, params)
+    div = _grads(model, {}, ONLY_DIVIDE, params)
+    tsg = _grads(model, {}, ONLY_T, params)
+    assert sum(float(plain[f"w1{i}"].abs().sum() > 0) for i in range(len(moe.experts))) >= 2
+    for i, n in names:  # both branches of every expert halved, the down projection not
+        _close(div[f"{n}{i}"], (1.0 if n == "w2" else 0.5) * plain[f"{n}{i}"])
+    _close(div["router"], plain["router"])  # routing weights keep their true gradient
+    for k in plain:  # router softmax: no TSG
         _close(tsg[k], plain[k])
 
 

@@ -10,7 +10,21 @@ import torch
 from torch import Tensor, nn
 
 from captum.attr import LayerGradientXActivation
-from captum.testing.helpers.basic_models import BasicModelWithReusedModules
+
+try:
+    from captum.testing.helpers.basic_models import BasicModelWithReusedModules
+except ImportError:  # captum 0.8 ships no captum.testing: the same model as Captum 0.9's
+
+    class BasicModelWithReusedModules(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin1 = nn.Linear(3, 2)
+            self.relu = nn.ReLU()
+            self.lin2 = nn.Linear(2, 2)
+
+        def forward(self, inputs: Tensor) -> Tensor:
+            return self.relu(self.lin2(self.relu(self.lin1(inputs))))
+
 
 from captum_gim import GIMConfig, LayerGIM
 

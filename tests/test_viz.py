@@ -49,10 +49,11 @@ def test_timeseries_channels_first_and_given_axes():
 
 
 def test_matplotlib_is_one_that_breaks_captum():
-    # the helper exists because Captum's calls matplotlib.cm.get_cmap, gone since 3.9
+    # the helper exists because Captum's calls matplotlib.cm.get_cmap (deprecated in 3.7,
+    # gone since 3.11)
     major, minor = (int(p) for p in matplotlib.__version__.split(".")[:2])
-    if (major, minor) < (3, 9):
-        pytest.skip("older matplotlib")
+    if (major, minor) < (3, 11):
+        pytest.skip("matplotlib before 3.11 still has matplotlib.cm.get_cmap")
     assert not hasattr(matplotlib.cm, "get_cmap")
 
 

@@ -31,6 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+#: numpy >= 2.0 has trapezoid (trapz is deprecated there); 1.x (Captum 0.8 pins numpy < 2) has trapz
+_trapezoid = getattr(np, "trapezoid", None) or np.trapz
+
 __all__ = [
     "ERASER_FRACTIONS",
     "CURVE_FRACTIONS",
@@ -252,7 +255,7 @@ def faithfulness(
     comp = [full - removed[k] for k in bins]
     suff = [full - s for s in kept]
     curve = [removed[k] for k in curve_k]
-    auc = float(np.trapezoid(curve, list(curve_fractions))) if len(curve) > 1 else float("nan")
+    auc = float(_trapezoid(curve, list(curve_fractions))) if len(curve) > 1 else float("nan")
     return FaithfulnessResult(
         full_score=full,
         comprehensiveness=comp,
