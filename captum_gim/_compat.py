@@ -276,10 +276,6 @@ PRIVATE_NAMES: Tuple[PrivateName, ...] = (
         "captum._utils.typing.TensorOrTupleOfTensorsGeneric", "attr/gim.py", "a type alias",
     ),
     PrivateName(
-        "captum", "GradientAttribution", "captum.attr._utils.attribution.GradientAttribution",
-        "attr/gim.py", "the base class (also public as captum.attr.GradientAttribution)",
-    ),
-    PrivateName(
         "captum", "_format_input_baseline", "captum.attr._utils.common._format_input_baseline",
         "attr/gim.py", "Captum's own input and baseline normalisation",
     ),
@@ -311,11 +307,6 @@ PRIVATE_NAMES: Tuple[PrivateName, ...] = (
     PrivateName(
         "captum", "_normalize_attr", "captum.attr._utils.visualization._normalize_attr",
         "viz.py", "Captum's attribution normalisation for plots",
-    ),
-    PrivateName(
-        "captum", "VisualizationDataRecord",
-        "captum.attr._utils.visualization.VisualizationDataRecord",
-        "evaluation/page.py", "the text-visualisation record (also captum.attr.visualization)",
     ),
     # --- torch (and accelerate) ----------------------------------------------------------
     PrivateName(

@@ -13,7 +13,7 @@ from captum._utils.common import (
     _is_tuple,
 )
 from captum._utils.typing import BaselineType, TargetType, TensorOrTupleOfTensorsGeneric
-from captum.attr._utils.attribution import GradientAttribution
+from captum.attr import GradientAttribution
 from captum.attr._utils.common import _format_input_baseline, _validate_input
 from captum.log import log_usage
 

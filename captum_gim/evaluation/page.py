@@ -56,7 +56,9 @@ def _frontier_table(report: ReportData) -> str:
 
 
 def _records_for_example(report: ReportData, ex: Dict[str, Any]) -> Tuple[List[Any], List[str]]:
-    from captum.attr._utils.visualization import VisualizationDataRecord
+    from captum.attr import visualization  # Captum's public name for its text plots
+
+    VisualizationDataRecord = visualization.VisualizationDataRecord
 
     valid = ex["valid"]
     labels = ex.get("unit_labels") or [str(i) for i in range(len(valid))]
