@@ -10,11 +10,12 @@ env:
 demo: env
 	$(PY) -m captum_gim demo --out results/demo
 
+# two workers (pytest-xdist): the suite takes about half the time on this 2-core machine
 test: env
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
 test-fast: env
-	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider -n 2
 
 # The version matrix (noxfile.py): Python 3.10-3.13 x torch x Captum x transformers x
 # pyhealth, each cell a fresh uv environment outside the clone (~/.cache/captum-gim/nox)
