@@ -45,6 +45,15 @@ QUICK: Dict[str, Dict[str, int]] = _per_target(
     {"default": 40, "minilm": 32, "pyhealth": 32, "checkpoint": 32},
     n_bootstrap=1000, infidelity_samples=10, gradshap_samples=10,
 )
+# the pretrained 6-layer MiniLM costs about 20x the embedded default per forward pass: its
+# quick run checks fewer perturbations per example for infidelity
+QUICK["minilm"]["infidelity_samples"] = 5
+#: the budget sweep's GradientShap / NoiseTunnel(GIM) sample counts when --samples is not
+#: given (quick MiniLM: the two smaller ones)
+SAMPLES: Dict[Tuple[bool, str], str] = {(True, "minilm"): "5,10"}
+DEFAULT_SAMPLES = "5,10,20"
+#: torch CPU threads when --threads is not given (checkpoints: torch's default)
+THREADS: Dict[str, int] = {"default": 1, "pyhealth": 1, "minilm": 2}
 #: per-target settings without ``--quick`` (same fields as :data:`QUICK`)
 FULL: Dict[str, Dict[str, int]] = _per_target(
     {"default": 256, "minilm": 32, "pyhealth": 128, "checkpoint": 32},
@@ -70,8 +79,9 @@ def _add_compare_options(p: argparse.ArgumentParser, demo: bool = False) -> None
             help="causal language models: the baseline token put at every prompt position and "
             "used to mask tokens (a token of the vocabulary, or its id; default: pad, else EOS)")
         p.add_argument("--quick", action="store_true",
-                       help="fewer examples and samples: each built-in target in under 30 s "
-                       "on 2 CPU cores, training its model included")
+                       help="fewer examples and samples (at least 32 examples): measured on 2 "
+                       "CPU cores, about 15 s for the embedded default and for the PyHealth "
+                       "target (training included) and a little over a minute for minilm")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where to write report.json, the plots and report.html "
                    "(default: results/compare-<model>)" if not demo else "output directory")
@@ -80,9 +90,9 @@ def _add_compare_options(p: argparse.ArgumentParser, demo: bool = False) -> None
     p.add_argument("--steps", default="4,8,16,50", metavar="N,N,...",
                    help="the budget sweep's IG and IG-GIM step counts (IG(1) and IG(2), GIM's own "
                    "budget, are always added; default: %(default)s)")
-    p.add_argument("--samples", default="5,10,20", metavar="N,N,...",
+    p.add_argument("--samples", default=None, metavar="N,N,...",
                    help="the budget sweep's GradientShap and NoiseTunnel(GIM) sample counts "
-                   "(default: %(default)s)")
+                   "(default: 5,10,20; 5,10 for minilm with --quick)")
     p.add_argument("--no-sweep", action="store_true",
                    help="no budget sweep: each method at one budget (--n-steps, --gradshap-samples)")
     p.add_argument("--seed", type=int, default=0, help="seed for everything random (default: 0)")
@@ -100,8 +110,8 @@ def _add_compare_options(p: argparse.ArgumentParser, demo: bool = False) -> None
                    help="IG's internal batch size (lower it if IG runs out of memory)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: 1 for the built-in targets, torch's default "
-                   "for checkpoint directories)")
+                   help="torch CPU threads (default: 1 for default and pyhealth, 2 for minilm, "
+                   "torch's default for checkpoint directories)")
     p.add_argument("--show", type=int, default=4, help="examples shown on the HTML page (default: 4)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -226,10 +236,10 @@ def run_compare(args: argparse.Namespace, argv: Sequence[str]) -> Any:
     start = time.perf_counter()
     kind = _target_kind(args.model)
     threads = args.threads
-    if threads is None and kind != "checkpoint":
-        # the built-in targets are small: one thread is about as fast, reproducible, and
-        # far faster than several threads on a shared, busy machine
-        threads = 1
+    if threads is None:
+        # the small built-in targets: one thread is about as fast, reproducible, and far
+        # faster than several on a shared, busy machine; MiniLM gains from two
+        threads = THREADS.get(kind)
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -278,7 +288,8 @@ def _compare(
     out = Path(args.out) if args.out else Path("results") / f"compare-{_safe_name(args.model)}"
     progress = not args.no_progress
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    steps, samples = _counts(args.steps, "--steps"), _counts(args.samples, "--samples")
+    samples_text = args.samples or SAMPLES.get((bool(args.quick), kind), DEFAULT_SAMPLES)
+    steps, samples = _counts(args.steps, "--steps"), _counts(samples_text, "--samples")
 
     task = load_task(args.model, inputs=args.inputs, n_examples=n_examples, seed=args.seed,
                      device=device, progress=progress,
