@@ -33,6 +33,10 @@ def test_verdict_needs_the_ci_to_exclude_zero_and_the_tolerance():
     assert verdict(MetricSummary(0.0004, 0.0002, 0.0006), True, 1e-3) == "same"
     # excludes zero, mean below the tolerance, CI partly outside it
     assert verdict(MetricSummary(0.0008, 0.0001, 0.002), True, 1e-3) == "no clear difference"
+    # a mean beyond the tolerance, the CI clear of zero only by float noise (methods that
+    # agree on most examples): not a side, prints as [+0.0000, ...]
+    assert verdict(MetricSummary(0.044, 3.6e-6, 0.094), True, 1e-3) == "no clear difference"
+    assert verdict(MetricSummary(0.044, 2e-4, 0.094), True, 1e-3) == "better"
 
 
 def test_paired_difference_is_over_examples():

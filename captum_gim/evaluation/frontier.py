@@ -39,13 +39,16 @@ def verdict(diff: MetricSummary, higher_is_better: bool, tolerance: float) -> st
         diff (MetricSummary): mean and CI of ``method - other`` over examples.
         higher_is_better (bool): which way the metric improves.
         tolerance (float): differences at most this large are never better or worse.
+            The CI must also clear zero by a tenth of it (the precision the differences
+            are printed with), so that floating-point noise between methods that agree on
+            most examples is not read as a side.
     """
     lo, hi, mean = diff.ci_low, diff.ci_high, diff.mean
     if mean is None or lo is None or hi is None:
         return "n/a"
     if max(abs(lo), abs(hi)) < tolerance:
         return "same"
-    if diff.excludes_zero() and abs(mean) > tolerance:
+    if diff.excludes_zero(tolerance / 10) and abs(mean) > tolerance:
         return "better" if (mean > 0) == higher_is_better else "worse"
     return "no clear difference"
 

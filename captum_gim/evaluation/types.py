@@ -184,10 +184,11 @@ class MetricSummary:
             return None
         return (self.ci_high - self.ci_low) / 2.0
 
-    def excludes_zero(self) -> bool:
-        r"""Whether the CI lies entirely on one side of zero."""
+    def excludes_zero(self, margin: float = 0.0) -> bool:
+        r"""Whether the CI lies entirely on one side of zero, by more than ``margin``
+        (differences of a few ulps between methods that agree are not a side)."""
         return (self.ci_low is not None and self.ci_high is not None
-                and (self.ci_low > 0 or self.ci_high < 0))
+                and (self.ci_low > margin or self.ci_high < -margin))
 
 
 @dataclass
