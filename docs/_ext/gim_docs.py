@@ -546,6 +546,61 @@ def results_rst() -> str:
     return "\n".join(lines) + "\n"
 
 
+#: the other targets whose ``captum-gim compare --quick`` output sits in a folder of
+#: ``docs/results`` and gets a section of the results page: (folder, section title)
+MORE_RESULTS = (
+    ("minilm", "Pretrained all-MiniLM-L6-v2 (``--model minilm``)"),
+    ("pyhealth", "A PyHealth Transformer on an EHR cohort (``--model pyhealth``)"),
+)
+
+
+def more_results_rst() -> str:
+    """One section per folder of :data:`MORE_RESULTS` that holds a report: the command, the
+    task, the table, the frontier plot and the command's comparison summary."""
+    out: List[str] = []
+    for folder, title in MORE_RESULTS:
+        path = RESULTS / folder
+        if not (path / "report.json").exists():
+            continue
+        report = json.loads((path / "report.json").read_text(encoding="utf-8"))
+        task = report.get("task") or {}
+        out += [title, "-" * len(title), ""]
+        out.append(f"- **Command:** ``{report.get('command', 'captum-gim compare')}`` "
+                   f"({report.get('wall_seconds_total', 0):.0f} s for the whole run)")
+        if task.get("description"):
+            out.append(f"- **Task:** {_cell(task['description'])}")
+        if task.get("n_examples") is not None:
+            out.append(f"- **Examples:** {task['n_examples']}")
+        out.append("")
+        if (path / "table.csv").exists():
+            out += [
+                f".. csv-table:: {_cell(title)}: mean ± half-width of the 95% bootstrap CI",
+                f"   :file: ../results/{folder}/table.csv",  # relative to _generated/
+                "   :header-rows: 1",
+                "",
+            ]
+        if (path / "frontier.png").exists():
+            out += [f".. figure:: /results/{folder}/frontier.png", "   :width: 100%", "",
+                    "   Each metric against median time and counted passes; dashed: the "
+                    "Pareto frontier; the star is GIM.", ""]
+        table = path / "table.txt"
+        if table.exists():
+            text = table.read_text(encoding="utf-8")
+            i = text.find("GIM - ")
+            if i >= 0:
+                out += [".. code-block:: text", ""]
+                out.append(textwrap.indent(text[i:].rstrip(), "   "))
+                out.append("")
+        site = EXTRA / "comparison" / folder
+        site.mkdir(parents=True, exist_ok=True)
+        for f in path.iterdir():
+            if f.is_file() and f.suffix in (".html", ".json", ".png", ".txt"):
+                shutil.copyfile(f, site / f.name)
+        out += [f"The full report: `report.html <comparison/{folder}/report.html>`__, "
+                f"`report.json <comparison/{folder}/report.json>`__.", ""]
+    return "\n".join(out) + "\n"
+
+
 # --------------------------------------------------------------------------- tutorials
 
 
@@ -673,6 +728,7 @@ def generate(app=None) -> None:
     _write(GENERATED / "cli_help.inc", cli_help_rst())
     _write(GENERATED / "results.inc", results_rst())
     _write(GENERATED / "glance.inc", glance_rst())
+    _write(GENERATED / "results_more.inc", more_results_rst())
 
 
 def setup(app):
