@@ -311,17 +311,14 @@ def load_checkpoint(
         ValueError: the checkpoint is neither a causal LM nor a sequence classifier, or has
             no tokenizer.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from ..evaluation.tasks import frozen
     from ..evaluation.tasks.hf_causal import is_causal_lm
-    from ..evaluation.tasks.hf_load import load_tokenizer, quiet_transformers
+    from ..evaluation.tasks.hf_load import checkpoint_config, load_tokenizer, quiet_transformers
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint (no config.json)")
-    with quiet_transformers():
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = checkpoint_config(path)
     archs = list(getattr(config, "architectures", None) or [])
     if is_causal_lm(archs):
         auto, cls = AutoModelForCausalLM, CausalLMBackend

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .hf_load import check_known_tokens, load_tokenizer, quiet_transformers
+from .hf_load import check_known_tokens, checkpoint_config, load_tokenizer, quiet_transformers
 from ..types import Example, Task, output_score, softmax_score
 from ._common import frozen
 
@@ -334,13 +334,8 @@ def checkpoint_task(
             the vocabulary, or an id); default: pad, else EOS.
     """
     _offline(progress)
-    from transformers import AutoConfig
-
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint (no config.json)")
-    with quiet_transformers():
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config = checkpoint_config(path)
     archs = list(getattr(config, "architectures", None) or [])
     from .hf_causal import causal_lm_task, is_causal_lm
 

@@ -13,7 +13,10 @@ import contextlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-__all__ = ["MAX_UNKNOWN_SHARE", "quiet_transformers", "load_tokenizer", "check_known_tokens"]
+__all__ = [
+    "MAX_UNKNOWN_SHARE", "quiet_transformers", "checkpoint_config", "load_tokenizer",
+    "check_known_tokens",
+]
 
 #: the most of an input's tokens (special tokens aside) that may be the unknown token
 MAX_UNKNOWN_SHARE = 0.5
@@ -43,6 +46,22 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def checkpoint_config(path: Path) -> Any:
+    r"""The configuration of the local checkpoint ``path`` (its ``config.json``, read
+    quietly, offline).
+
+    Raises:
+        FileNotFoundError: ``path`` has no ``config.json``.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint (no config.json)")
+    with quiet_transformers():
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def load_tokenizer(path: Path) -> Any:
