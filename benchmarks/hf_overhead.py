@@ -23,12 +23,10 @@ Run: ``.venv/bin/python benchmarks/hf_overhead.py [--seq 512] [--rounds 5] [--js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -39,7 +37,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import transformers  # noqa: E402
 from captum.attr import LayerGradientXActivation  # noqa: E402
-from overhead import interleaved, measure_memory, measure_time  # noqa: E402
+from overhead import (  # noqa: E402
+    interleaved, measure_cpu_time, measure_memory, measure_time, save_json,
+)
 
 from captum_gim import LayerGIM  # noqa: E402
 from captum_gim.evaluation.resources import memory_method  # noqa: E402
@@ -89,17 +89,6 @@ def make_methods(kind: str, args: argparse.Namespace) -> Dict[str, Callable[[], 
             ids, baselines=base, target=target
         ),
     }
-
-
-def measure_cpu_time(fn: Callable[[], torch.Tensor], device: str) -> float:
-    """CPU seconds of this process (less sensitive than wall time to a busy machine)."""
-    t0 = time.process_time()
-    out = fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    dt = time.process_time() - t0
-    del out
-    return dt
 
 
 def main(argv: List[str] | None = None) -> Dict[str, object]:
@@ -168,9 +157,7 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     method = "PeakMemory" if memory_method(torch.device(args.device)) else "not measurable here"
     print(f"memory: {method} (captum_gim.evaluation.resources), one call per round")
     result = {"settings": vars(args), "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
     return result
 
 

