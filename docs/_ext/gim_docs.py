@@ -480,6 +480,14 @@ def cli_help_rst() -> str:
 # --------------------------------------------------------------------------- results
 
 
+def _publish(folder: Path, site: Path) -> None:
+    """Copy the comparison command's own files in ``folder`` to ``site`` (served as is)."""
+    site.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        if f.is_file() and f.suffix in (".html", ".json", ".png", ".txt"):
+            shutil.copyfile(f, site / f.name)
+
+
 def results_rst() -> str:
     report_path = RESULTS / "report.json"
     notes = RESULTS / "notes.rst"
@@ -534,11 +542,7 @@ def results_rst() -> str:
         if (RESULTS / name).exists():
             lines.append(f".. figure:: /results/{name}\n   :width: 100%\n")
     # the command's own files, served as they are under comparison/ (see html_extra_path)
-    site = EXTRA / "comparison"
-    site.mkdir(parents=True, exist_ok=True)
-    for f in RESULTS.iterdir():
-        if f.is_file() and f.suffix in (".html", ".json", ".png", ".txt"):
-            shutil.copyfile(f, site / f.name)
+    _publish(RESULTS, EXTRA / "comparison")
     links = [f"`{n} <comparison/{n}>`__" for n in ("report.html", "report.json") if (RESULTS / n).exists()]
     if links:
         lines.append("The command's full report: " + ", ".join(links) + ".")
@@ -591,11 +595,7 @@ def more_results_rst() -> str:
                 out += [".. code-block:: text", ""]
                 out.append(textwrap.indent(text[i:].rstrip(), "   "))
                 out.append("")
-        site = EXTRA / "comparison" / folder
-        site.mkdir(parents=True, exist_ok=True)
-        for f in path.iterdir():
-            if f.is_file() and f.suffix in (".html", ".json", ".png", ".txt"):
-                shutil.copyfile(f, site / f.name)
+        _publish(path, EXTRA / "comparison" / folder)
         out += [f"The full report: `report.html <comparison/{folder}/report.html>`__, "
                 f"`report.json <comparison/{folder}/report.json>`__.", ""]
     return "\n".join(out) + "\n"
