@@ -79,7 +79,7 @@ def _hf_known(cls: type, impl: Optional[str], matrix: Any) -> bool:
     parts = mod.split(".")
     if len(parts) < 4 or parts[:2] != ["transformers", "models"]:
         return False
-    row = matrix.get(parts[2]) if matrix is not None else None
+    row = matrix.get(parts[2])
     if not row or impl not in row:
         return False
     return all(status == "supported" for status in row[impl].values())
@@ -120,17 +120,15 @@ def fully_accounted(
         m is model and name == "transformers.attention" for m, name in matches
     )
     impl = _attn_impl(model)
-    matrix = None
+    matrix = _support_matrix() if hf_rules else None
     for module in model.modules():
         if id(module) in done:
             continue
         cls = type(module)
         if _torch_nn_known(cls):
             continue
-        if hf_rules and cls.__module__.startswith("transformers."):
-            if matrix is None:
-                matrix = _support_matrix()
-            if _hf_known(cls, impl, matrix):
-                continue
+        if matrix is not None and cls.__module__.startswith("transformers.") \
+                and _hf_known(cls, impl, matrix):
+            continue
         return False
     return True
